@@ -1,0 +1,1 @@
+"""The Flower ServerApp and ClientApp that wire data, clients and strategies together."""

@@ -1,0 +1,152 @@
+"""The run config: every key, its type, its allowed values, checked before round 1.
+
+Kept free of TensorFlow and Flower imports so the check is instant and the
+same function serves the ServerApp, the ClientApp and the tests.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+from data.partition import PARTITIONERS
+from data.sources import SOURCES
+
+
+class ConfigError(ValueError):
+    """A run-config value that is missing, of the wrong type or out of range."""
+
+
+@dataclass(frozen=True)
+class Rule:
+    """How one run-config key is checked."""
+
+    kind: type
+    allowed: str
+    check: Callable[[Any], bool] = lambda value: True
+
+
+def _one_of(options: tuple[str, ...]) -> Rule:
+    return Rule(str, "one of " + ", ".join(repr(o) for o in options), lambda v: v in options)
+
+
+_POSITIVE_INT = Rule(int, "an integer >= 1", lambda v: v >= 1)
+_NON_NEGATIVE_INT = Rule(int, "an integer >= 0", lambda v: v >= 0)
+_POSITIVE_FLOAT = Rule(float, "a number > 0", lambda v: v > 0)
+_OPEN_UNIT = Rule(float, "a number in (0, 1)", lambda v: 0 < v < 1)
+_HALF_OPEN_UNIT = Rule(float, "a number in (0, 1]", lambda v: 0 < v <= 1)
+_UNIT = Rule(float, "a number in [0, 1]", lambda v: 0 <= v <= 1)
+_ANY_STR = Rule(str, "a string")
+_NON_EMPTY_STR = Rule(str, "a non-empty string", lambda v: bool(v.strip()))
+
+RULES: dict[str, Rule] = {
+    "num-server-rounds": _POSITIVE_INT,
+    "fraction-train": _HALF_OPEN_UNIT,
+    "min-train-nodes": _POSITIVE_INT,
+    "fraction-evaluate": _UNIT,
+    "min-evaluate-nodes": _NON_NEGATIVE_INT,
+    "local-epochs": _POSITIVE_INT,
+    "batch-size": _POSITIVE_INT,
+    "learning-rate": _POSITIVE_FLOAT,
+    "dataset": _one_of(tuple(sorted(SOURCES))),
+    "data-path": _ANY_STR,
+    "partitioner": _one_of(PARTITIONERS),
+    "dirichlet-alpha": _POSITIVE_FLOAT,
+    "shards-per-client": _POSITIVE_INT,
+    "test-fraction": _OPEN_UNIT,
+    "val-fraction": _OPEN_UNIT,
+    "seed": _NON_NEGATIVE_INT,
+    "output-dir": _NON_EMPTY_STR,
+    "round-timeout": _POSITIVE_FLOAT,
+    "node-wait-timeout": _POSITIVE_FLOAT,
+}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The validated run config, one attribute per kebab-case key."""
+
+    num_server_rounds: int
+    fraction_train: float
+    min_train_nodes: int
+    fraction_evaluate: float
+    min_evaluate_nodes: int
+    local_epochs: int
+    batch_size: int
+    learning_rate: float
+    dataset: str
+    data_path: str
+    partitioner: str
+    dirichlet_alpha: float
+    shards_per_client: int
+    test_fraction: float
+    val_fraction: float
+    seed: int
+    output_dir: str
+    round_timeout: float
+    node_wait_timeout: float
+
+    def as_dict(self) -> dict[str, Any]:
+        """The config with its kebab-case keys, as written to ``metrics.json``."""
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
+
+
+def _coerce(key: str, value: Any, rule: Rule) -> Any:
+    """Return ``value`` as ``rule.kind``, or raise a ConfigError naming the key."""
+    # bool is an int subclass; `true` is never a valid count or rate.
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ConfigError(
+            f"run config '{key}' = {value!r} has type {type(value).__name__}; "
+            f"allowed: {rule.allowed}"
+        )
+    if rule.kind is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"run config '{key}' = {value!r}; allowed: {rule.allowed}")
+        return value
+    if isinstance(value, str):
+        raise ConfigError(
+            f"run config '{key}' = {value!r} is a string; allowed: {rule.allowed}"
+        )
+    if rule.kind is int:
+        if isinstance(value, float) and not value.is_integer():
+            raise ConfigError(f"run config '{key}' = {value!r}; allowed: {rule.allowed}")
+        return int(value)
+    if not math.isfinite(value):
+        raise ConfigError(f"run config '{key}' = {value!r}; allowed: {rule.allowed}")
+    return float(value)
+
+
+def parse_run_config(run_config: Mapping[str, Any]) -> RunConfig:
+    """Validate every key of ``run_config`` and return it typed.
+
+    Raises
+    ------
+    ConfigError
+        Naming the first bad key, its value and what is allowed. Unknown keys
+        are errors too, so a typo is never silently ignored.
+    """
+    unknown = sorted(set(run_config) - set(RULES))
+    if unknown:
+        raise ConfigError(
+            f"unknown run config key(s) {unknown}; known keys: {', '.join(RULES)}"
+        )
+    missing = [key for key in RULES if key not in run_config]
+    if missing:
+        raise ConfigError(f"run config is missing key(s) {missing}")
+    values: dict[str, Any] = {}
+    for key, rule in RULES.items():
+        value = _coerce(key, run_config[key], rule)
+        if not rule.check(value):
+            raise ConfigError(
+                f"run config '{key}' = {value!r} is not allowed; allowed: {rule.allowed}"
+            )
+        values[key.replace("-", "_")] = value
+    config = RunConfig(**values)
+    if config.fraction_evaluate > 0 and config.min_evaluate_nodes < 1:
+        raise ConfigError(
+            f"run config 'min-evaluate-nodes' = {config.min_evaluate_nodes} must be "
+            "at least 1 when 'fraction-evaluate' > 0"
+        )
+    return config

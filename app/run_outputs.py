@@ -1,0 +1,87 @@
+"""Where a run's files go, and ``metrics.json`` kept valid after every round."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from logging import DEBUG
+from pathlib import Path
+from typing import Any
+
+from flwr.common.logger import log
+
+# The app's own directory (the folder holding app/, clients/, ...). Under
+# `flwr run` that is the copy of the app Flower installed, not the SuperLink's
+# working directory, which can be anywhere.
+APP_DIR = Path(__file__).resolve().parent.parent
+
+
+def resolve_output_dir(output_dir: str, app_dir: Path = APP_DIR) -> Path:
+    """An absolute ``output-dir``: relative paths resolve against ``app_dir``."""
+    path = Path(output_dir).expanduser()
+    return path if path.is_absolute() else (app_dir / path)
+
+
+def create_run_dir(output_dir: Path, run_id: int | str) -> Path:
+    """Create ``<output_dir>/<run_id>/``; never reuse a folder that exists.
+
+    A run id seen before (a SuperLink whose database was reset numbers runs
+    again) gets a suffix ``-1``, ``-2``, ... instead of overwriting the
+    earlier run's files.
+    """
+    output_dir.mkdir(parents=True, exist_ok=True)
+    candidate = output_dir / str(run_id)
+    suffix = 0
+    while True:
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            suffix += 1
+            candidate = output_dir / f"{run_id}-{suffix}"
+
+
+def write_json_atomically(path: Path, content: Any) -> None:
+    """Write JSON to a temporary file in the same folder, then rename over ``path``.
+
+    A crash mid-write leaves the previous file intact, never half a file.
+    """
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(content, handle, indent=2, allow_nan=False)
+            handle.write("\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _finite_or_none(value: Any) -> Any:
+    """JSON has no NaN; a missing measurement is written as null."""
+    if isinstance(value, float) and value != value:  # NaN
+        return None
+    return value
+
+
+class MetricsLog:
+    """``metrics.json``: the run config and one entry per completed round.
+
+    The file is rewritten atomically after each round, so a crashed run still
+    leaves a valid history of every round it completed.
+    """
+
+    def __init__(self, path: Path, config: Mapping[str, Any]) -> None:
+        self.path = path
+        self.content: dict[str, Any] = {"config": dict(config), "rounds": []}
+        write_json_atomically(self.path, self.content)
+
+    def append(self, entry: Mapping[str, Any]) -> None:
+        """Add one round's entry and rewrite the file."""
+        self.content["rounds"].append({k: _finite_or_none(v) for k, v in entry.items()})
+        write_json_atomically(self.path, self.content)
+        log(DEBUG, "Round %s written to %s", entry.get("round"), self.path)

@@ -1,0 +1,152 @@
+"""One federation per process: the server's held-out test set and each client's part.
+
+Everything here is cached per process (``functools.lru_cache``), so a
+dataset is read and partitioned once per process, not once per round: Flower's
+simulation keeps its worker processes across rounds, and a deployed SuperNode
+reads its own files once per ClientApp process.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from functools import lru_cache
+from logging import INFO
+
+import numpy as np
+
+from flwr.common.logger import log
+
+from .dataset import LabeledData
+from .partition import partition_indices
+from .sources import load_source
+
+
+@dataclass(frozen=True)
+class FederationSpec:
+    """What identifies a federation; equal specs give identical data everywhere."""
+
+    dataset: str
+    data_path: str
+    partitioner: str
+    num_partitions: int
+    seed: int
+    test_fraction: float
+    dirichlet_alpha: float = 0.5
+    shards_per_client: int = 2
+    val_fraction: float = 0.1
+
+
+@dataclass(frozen=True)
+class Federation:
+    """The server's held-out test set and the clients' training indices."""
+
+    train: LabeledData
+    test: LabeledData
+    partitions: tuple[np.ndarray, ...]
+
+
+def stratified_split(
+    data: LabeledData, fraction: float, seed: int
+) -> tuple[LabeledData, LabeledData]:
+    """Split off ``fraction`` of ``data``, stratified by label where possible.
+
+    Returns ``(rest, held_out)``. Stratification falls back to a plain seeded
+    split when a class has too few samples to appear on both sides.
+    """
+    from sklearn.model_selection import train_test_split
+
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"split fraction must lie in (0, 1), got {fraction}")
+    indices = np.arange(len(data))
+    counts = data.label_histogram()
+    stratify = data.y if counts[counts > 0].min() >= 2 else None
+    try:
+        rest, held_out = train_test_split(
+            indices, test_size=fraction, random_state=seed, stratify=stratify
+        )
+    except ValueError:
+        # Too few samples per class for the requested held-out size.
+        rest, held_out = train_test_split(
+            indices, test_size=fraction, random_state=seed, stratify=None
+        )
+    return data.subset(np.sort(rest)), data.subset(np.sort(held_out))
+
+
+@lru_cache(maxsize=4)
+def load_dataset(name: str, data_path: str) -> LabeledData:
+    """Load a source once per process."""
+    return load_source(name, data_path)
+
+
+def standardize(train: LabeledData, *others: LabeledData) -> list[LabeledData]:
+    """Scale tabular features to zero mean, unit variance with ``train``'s statistics.
+
+    The statistics come from the training side only, so nothing of the
+    server's held-out test set leaks into training. Images are returned as they are.
+    """
+    if train.kind != "tabular":
+        return [train, *others]
+    mean = train.x.mean(axis=0)
+    std = train.x.std(axis=0)
+    std[std == 0] = 1.0
+    return [
+        replace(part, x=((part.x - mean) / std).astype(np.float32))
+        for part in (train, *others)
+    ]
+
+
+@lru_cache(maxsize=4)
+def load_server_split(
+    name: str, data_path: str, test_fraction: float, seed: int
+) -> tuple[LabeledData, LabeledData]:
+    """Return ``(train, test)``: the test set is held out before partitioning.
+
+    Tabular features are standardised with the training side's statistics.
+    """
+    train, test = stratified_split(load_dataset(name, data_path), test_fraction, seed)
+    train, test = standardize(train, test)
+    return train, test
+
+
+@lru_cache(maxsize=4)
+def build_federation(spec: FederationSpec) -> Federation:
+    """Hold out the server's test set, then partition the rest over the clients."""
+    train, test = load_server_split(
+        spec.dataset, spec.data_path, spec.test_fraction, spec.seed
+    )
+    partitions = partition_indices(
+        train.y,
+        spec.num_partitions,
+        spec.partitioner,
+        seed=spec.seed,
+        dirichlet_alpha=spec.dirichlet_alpha,
+        shards_per_client=spec.shards_per_client,
+        groups=train.groups,
+    )
+    return Federation(train=train, test=test, partitions=tuple(partitions))
+
+
+@lru_cache(maxsize=64)
+def load_client_data(
+    spec: FederationSpec, partition_id: int
+) -> tuple[LabeledData, LabeledData]:
+    """Return client ``partition_id``'s local ``(train, validation)`` split."""
+    if not 0 <= partition_id < spec.num_partitions:
+        raise ValueError(
+            f"partition-id={partition_id} must lie in [0, {spec.num_partitions})"
+        )
+    federation = build_federation(spec)
+    local = federation.train.subset(federation.partitions[partition_id])
+    if len(local) < 2:
+        train, val = local, local.subset(np.arange(0))
+    else:
+        train, val = stratified_split(local, spec.val_fraction, spec.seed + partition_id)
+    log(
+        INFO,
+        "Client %d: %d train / %d validation samples, labels %s",
+        partition_id,
+        len(train),
+        len(val),
+        train.label_histogram().tolist(),
+    )
+    return train, val
