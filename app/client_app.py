@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from flwr.app import Context, Message, MetricRecord, RecordDict
+import numpy as np
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from clients.training import evaluate as evaluate_model
@@ -10,7 +11,14 @@ from clients.training import get_model, train_locally
 from clients.weights import get_weights, set_weights
 from data.dataset import LabeledData
 from data.federation import load_client_data
+from strategies.clipping import clip_to_reference
+from strategies.dp_fedavg import (
+    CONFIG_CLIPPING_NORM,
+    CONFIG_LOCAL_DP_DELTA,
+    CONFIG_LOCAL_DP_EPSILON,
+)
 from strategies.fedavg import to_arrayrecord, to_numpy
+from strategies.local_dp import privatize_arrays
 
 from .config import parse_run_config
 from .task import federation_spec, model_spec
@@ -42,7 +50,8 @@ def _local_data(context: Context) -> tuple[LabeledData, LabeledData, object]:
 def train(msg: Message, context: Context) -> Message:
     """Train the received global model on the local data and send it back."""
     train_data, _, model = _local_data(context)
-    set_weights(model, to_numpy(msg.content["arrays"]))
+    global_arrays = to_numpy(msg.content["arrays"])
+    set_weights(model, global_arrays)
     config = msg.content["config"]
     loss = train_locally(
         model,
@@ -53,13 +62,36 @@ def train(msg: Message, context: Context) -> Message:
     )
     content = RecordDict(
         {
-            "arrays": to_arrayrecord(get_weights(model)),
+            "arrays": to_arrayrecord(outgoing_arrays(get_weights(model), global_arrays, config)),
             "metrics": MetricRecord(
                 {"train-loss": loss, "num-examples": len(train_data)}
             ),
         }
     )
     return Message(content=content, reply_to=msg)
+
+
+def outgoing_arrays(
+    local: dict[str, np.ndarray], global_arrays: dict[str, np.ndarray], config: ConfigRecord
+) -> dict[str, np.ndarray]:
+    """What leaves the client: its arrays, clipped or locally privatised when DP asks.
+
+    Under DP-FedAvg with ``clipping-side='client'`` the update is clipped here
+    to ``clipping-norm``; with ``local-dp-epsilon`` it is clipped and noised
+    here (the noise drawn from the OS entropy pool, never known to the server).
+    """
+    if CONFIG_LOCAL_DP_EPSILON in config:
+        return privatize_arrays(
+            local,
+            global_arrays,
+            float(config[CONFIG_CLIPPING_NORM]),
+            float(config[CONFIG_LOCAL_DP_EPSILON]),
+            float(config[CONFIG_LOCAL_DP_DELTA]),
+            np.random.default_rng(),
+        )
+    if CONFIG_CLIPPING_NORM in config:
+        return clip_to_reference(local, global_arrays, float(config[CONFIG_CLIPPING_NORM]))
+    return local
 
 
 @app.evaluate()

@@ -12,7 +12,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from data.partition import PARTITIONERS
-from data.sources import SOURCES
+from data.sources import SOURCES, is_known_dataset
 
 
 class ConfigError(ValueError):
@@ -50,7 +50,12 @@ RULES: dict[str, Rule] = {
     "local-epochs": _POSITIVE_INT,
     "batch-size": _POSITIVE_INT,
     "learning-rate": _POSITIVE_FLOAT,
-    "dataset": _one_of(tuple(sorted(SOURCES))),
+    "dataset": Rule(
+        str,
+        "one of " + ", ".join(repr(s) for s in sorted(SOURCES))
+        + ", or several joined by '+' to fuse them (e.g. 'heart+csv')",
+        is_known_dataset,
+    ),
     "data-path": _ANY_STR,
     "partitioner": _one_of(PARTITIONERS),
     "dirichlet-alpha": _POSITIVE_FLOAT,
@@ -61,6 +66,18 @@ RULES: dict[str, Rule] = {
     "output-dir": _NON_EMPTY_STR,
     "round-timeout": _POSITIVE_FLOAT,
     "node-wait-timeout": _POSITIVE_FLOAT,
+    "strategy": _one_of(("fedavg", "dp-fedavg")),
+    "noise-multiplier": Rule(float, "a number >= 0", lambda v: v >= 0),
+    "clipping-norm": _POSITIVE_FLOAT,
+    "clipping": _one_of(("fixed", "adaptive")),
+    "clipping-side": _one_of(("server", "client")),
+    "server-learning-rate": _POSITIVE_FLOAT,
+    "client-sampling": _one_of(("poisson", "fixed")),
+    "target-delta": _OPEN_UNIT,
+    "target-epsilon": Rule(float, "a number >= 0 (0: no budget)", lambda v: v >= 0),
+    "target-unclipped-quantile": _OPEN_UNIT,
+    "clipping-learning-rate": _POSITIVE_FLOAT,
+    "local-dp-epsilon": Rule(float, "a number >= 0 (0: off)", lambda v: v >= 0),
 }
 
 
@@ -87,6 +104,18 @@ class RunConfig:
     output_dir: str
     round_timeout: float
     node_wait_timeout: float
+    strategy: str
+    noise_multiplier: float
+    clipping_norm: float
+    clipping: str
+    clipping_side: str
+    server_learning_rate: float
+    client_sampling: str
+    target_delta: float
+    target_epsilon: float
+    target_unclipped_quantile: float
+    clipping_learning_rate: float
+    local_dp_epsilon: float
 
     def as_dict(self) -> dict[str, Any]:
         """The config with its kebab-case keys, as written to ``metrics.json``."""

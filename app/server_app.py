@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from logging import ERROR, INFO
+import logging
+from logging import ERROR, INFO, WARNING
 from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
@@ -11,12 +12,15 @@ from flwr.serverapp import Grid, ServerApp
 
 from clients.training import evaluate, get_model
 from clients.weights import get_weights, set_weights
-from data.federation import load_server_split
+from data.federation import build_federation, load_server_split
+from strategies.dp_fedavg import DPFedAvg
 from strategies.fedavg import FedAvg, RoundReport, to_arrayrecord, to_numpy
+from strategies.sampling import wait_for_nodes
 
 from .config import ConfigError, RunConfig, parse_run_config
+from .data_report import log_client_summary, plot_label_distribution
 from .run_outputs import MetricsLog, create_run_dir, resolve_output_dir
-from .task import model_spec
+from .task import federation_spec, model_spec
 
 app = ServerApp()
 
@@ -41,8 +45,39 @@ class CentralEvaluator:
         return MetricRecord({"central-loss": loss, "central-accuracy": accuracy})
 
 
-def round_entry(report: RoundReport) -> dict[str, float | int]:
-    """One round's entry of ``metrics.json``."""
+def build_strategy(config: RunConfig) -> FedAvg:
+    """FedAvg, or DP-FedAvg when ``strategy='dp-fedavg'``."""
+    common = dict(
+        fraction_train=config.fraction_train,
+        fraction_evaluate=config.fraction_evaluate,
+        min_train_nodes=config.min_train_nodes,
+        min_evaluate_nodes=config.min_evaluate_nodes,
+        node_wait_timeout=config.node_wait_timeout,
+        seed=config.seed,
+    )
+    if config.strategy == "fedavg":
+        return FedAvg(**common)
+    try:
+        return DPFedAvg(
+            noise_multiplier=config.noise_multiplier,
+            clipping_norm=config.clipping_norm,
+            clipping=config.clipping,  # type: ignore[arg-type]
+            clipping_side=config.clipping_side,  # type: ignore[arg-type]
+            server_learning_rate=config.server_learning_rate,
+            client_sampling=config.client_sampling,  # type: ignore[arg-type]
+            target_delta=config.target_delta,
+            target_epsilon=config.target_epsilon or None,
+            target_unclipped_quantile=config.target_unclipped_quantile,
+            clipping_learning_rate=config.clipping_learning_rate,
+            local_dp_epsilon=config.local_dp_epsilon or None,
+            **common,
+        )
+    except ValueError as error:
+        raise ConfigError(f"invalid DP-FedAvg settings: {error}") from error
+
+
+def round_entry(report: RoundReport, strategy: FedAvg | None = None) -> dict[str, float | int]:
+    """One round's entry of ``metrics.json`` (with the privacy ledger's figures under DP)."""
     entry: dict[str, float | int] = {"round": report.server_round}
     entry.update(report.train_metrics)
     for key, value in report.federated_metrics.items():
@@ -53,16 +88,21 @@ def round_entry(report: RoundReport) -> dict[str, float | int]:
         entry["num-accepted"] = report.num_accepted
         entry["num-rejected"] = report.num_rejected
         entry["elapsed-s"] = round(report.elapsed_s, 3)
+        if isinstance(strategy, DPFedAvg):
+            entry.update(strategy.last_round_privacy)
     return entry
 
 
-def log_round(report: RoundReport) -> None:
-    """The one progress line per round."""
+def log_round(report: RoundReport, privacy: dict[str, float] | None = None) -> None:
+    """The one progress line per round (with epsilon under DP)."""
     central = report.central_metrics
+    epsilon = ""
+    if privacy and report.server_round > 0 and "epsilon" in privacy:
+        epsilon = f" | epsilon {privacy['epsilon']:.3f}"
     log(
         INFO,
         "[round %d/%d] train-loss %s | central accuracy %.4f loss %.4f | "
-        "federated accuracy %s | %d/%d replies | %.1f s",
+        "federated accuracy %s | %d/%d replies%s | %.1f s",
         report.server_round,
         report.num_rounds,
         _fmt(report.train_metrics.get("train-loss")),
@@ -71,6 +111,7 @@ def log_round(report: RoundReport) -> None:
         _fmt(report.federated_metrics.get("eval-accuracy")),
         report.num_accepted,
         report.num_sampled,
+        epsilon,
         report.elapsed_s,
     )
 
@@ -82,8 +123,12 @@ def _fmt(value: float | None) -> str:
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run federated training as the run config says."""
+    # dp-accounting's absl warnings give the root logger a handler; without
+    # this every Flower log line would be printed twice.
+    logging.getLogger("flwr").propagate = False
     try:
         config = parse_run_config(context.run_config)
+        strategy = build_strategy(config)
     except ConfigError as error:
         log(ERROR, "Invalid run config: %s", error)
         raise
@@ -91,17 +136,10 @@ def main(grid: Grid, context: Context) -> None:
     log(INFO, "Run %s: outputs in %s", context.run_id, run_dir)
 
     evaluator = CentralEvaluator(config)
+    report_federation(grid, config, run_dir)
     initial = to_arrayrecord(get_weights(evaluator.model))
     metrics_log = MetricsLog(run_dir / "metrics.json", config.as_dict())
 
-    strategy = FedAvg(
-        fraction_train=config.fraction_train,
-        fraction_evaluate=config.fraction_evaluate,
-        min_train_nodes=config.min_train_nodes,
-        min_evaluate_nodes=config.min_evaluate_nodes,
-        node_wait_timeout=config.node_wait_timeout,
-        seed=config.seed,
-    )
     result = strategy.start(
         grid=grid,
         initial_arrays=initial,
@@ -116,10 +154,40 @@ def main(grid: Grid, context: Context) -> None:
         ),
         evaluate_config=ConfigRecord({"batch-size": config.batch_size}),
         evaluate_fn=evaluator,
-        on_round_end=[log_round, lambda report: metrics_log.append(round_entry(report))],
+        on_round_end=[
+            lambda report: log_round(report, getattr(strategy, "last_round_privacy", None)),
+            lambda report: metrics_log.append(round_entry(report, strategy)),
+        ],
     )
+    if strategy.stop_reason is not None:
+        log(WARNING, "Run ended early: %s", strategy.stop_reason)
+    if isinstance(strategy, DPFedAvg) and strategy.ledger.rounds:
+        log(
+            INFO,
+            "Privacy spent: epsilon %.4g at delta %.3g after %d rounds "
+            "(user-level, RDP accountant, %s sampling)",
+            strategy.ledger.epsilon,
+            strategy.ledger.target_delta,
+            strategy.ledger.rounds,
+            strategy.client_sampling,
+        )
     save_model(evaluator, result.arrays, run_dir / "model.keras")
     log(INFO, "Run %s finished: model and metrics in %s", context.run_id, run_dir)
+
+
+def report_federation(grid: Grid, config: RunConfig, run_dir: Path) -> None:
+    """Log what each client holds and plot it, before round 1.
+
+    The server rebuilds the partition from the same spec as the clients, with
+    one partition per connected node (as Flower's simulation assigns them).
+    A partition that cannot be built (more clients than samples, a natural
+    split whose institutions do not match the nodes) fails here, before round 1.
+    """
+    nodes = wait_for_nodes(grid, config.min_train_nodes, config.node_wait_timeout)
+    federation = build_federation(federation_spec(config, len(nodes)))
+    log_client_summary(federation)
+    plot = plot_label_distribution(federation, run_dir / "label-distribution.png")
+    log(INFO, "Label distribution per client: %s", plot)
 
 
 def save_model(evaluator: CentralEvaluator, arrays: ArrayRecord, path: Path) -> None:

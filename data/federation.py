@@ -18,7 +18,7 @@ from flwr.common.logger import log
 
 from .dataset import LabeledData
 from .partition import partition_indices
-from .sources import load_source
+from .sources import load_official_split, load_source
 
 
 @dataclass(frozen=True)
@@ -101,9 +101,16 @@ def load_server_split(
 ) -> tuple[LabeledData, LabeledData]:
     """Return ``(train, test)``: the test set is held out before partitioning.
 
-    Tabular features are standardised with the training side's statistics.
+    A source with an official test set (MNIST's 10,000 images) keeps it, as
+    in the published benchmarks, and ``test_fraction`` does not apply; other
+    sources hold out a stratified ``test_fraction``. Tabular features are
+    standardised with the training side's statistics.
     """
-    train, test = stratified_split(load_dataset(name, data_path), test_fraction, seed)
+    official = load_official_split(name, data_path)
+    if official is not None:
+        train, test = official
+    else:
+        train, test = stratified_split(load_dataset(name, data_path), test_fraction, seed)
     train, test = standardize(train, test)
     return train, test
 

@@ -148,9 +148,10 @@ def align_features(
             + ", ".join(f"{s.name} has {s.input_shape[0]}" for s in sources)
         )
     named = [
-        (s, sc.feature_names) for s, sc in zip(sources, schemas, strict=True)
+        (s, sc.feature_names)
+        for s, sc in zip(sources, schemas, strict=True)
         if sc is not None and sc.feature_names is not None
-    ]  # fmt: skip
+    ]
     if not named:
         return [s.x for s in sources], None
     reference_source, reference = named[0]
@@ -192,12 +193,14 @@ def align_labels(
     for names in per_source:
         fused.extend(n for n in names if n not in fused)
     if len(sources) > 1:
-        for k, (source, names) in enumerate(zip(sources, per_source, strict=True)):
+        # Latest source first: it is the one that was added to the others.
+        for k in reversed(range(len(sources))):
             others = {n for j, ns in enumerate(per_source) if j != k for n in ns}
-            if not others.intersection(names):
+            if not others.intersection(per_source[k]):
                 raise ValueError(
-                    f"cannot align the labels of {source.name}: its classes "
-                    f"{list(names)} share none with the other sources' {sorted(others)}"
+                    f"cannot align the labels of {sources[k].name}: its classes "
+                    f"{list(per_source[k])} share none with the other sources' "
+                    f"{sorted(others)}; relabel one side so class names match"
                 )
     index = {name: k for k, name in enumerate(fused)}
     ys = [
@@ -208,7 +211,7 @@ def align_labels(
 
 
 def row_digests(x: np.ndarray) -> list[bytes]:
-    """A 128-bit BLAKE2b digest of each sample's float32 features (``-0.0`` as ``0.0``)."""
+    """BLAKE2b digest (128 bits) of each float32 sample, ``-0.0`` as ``0.0``."""
     flat = np.ascontiguousarray(x.reshape(len(x), -1).astype(np.float32) + 0.0)
     return [hashlib.blake2b(row.tobytes(), digest_size=16).digest() for row in flat]
 
@@ -233,10 +236,15 @@ def cross_source_duplicates(
     for x, y in zip(xs, ys, strict=True):
         digests = row_digests(x)
         mask = np.array(
-            [(d, int(label)) not in seen_xy for d, label in zip(digests, y, strict=True)],
+            [
+                (d, int(label)) not in seen_xy
+                for d, label in zip(digests, y, strict=True)
+            ],
             dtype=bool,
         )
-        conflicts.append(sum(1 for d, m in zip(digests, mask, strict=True) if m and d in seen_x))
+        conflicts.append(
+            sum(1 for d, m in zip(digests, mask, strict=True) if m and d in seen_x)
+        )
         keep.append(mask)
         seen_x.update(digests)
         seen_xy.update(zip(digests, (int(v) for v in y), strict=True))
@@ -248,7 +256,9 @@ def source_groups(source: LabeledData, name: str) -> tuple[np.ndarray, tuple[str
     if source.groups is None:
         return np.zeros(len(source), dtype=np.int64), (name,)
     count = int(source.groups.max()) + 1 if len(source) else 0
-    labels = list(source.group_names) + [str(g) for g in range(len(source.group_names), count)]
+    labels = list(source.group_names) + [
+        str(g) for g in range(len(source.group_names), count)
+    ]
     return source.groups.astype(np.int64), tuple(f"{name}/{g}" for g in labels)
 
 
@@ -264,15 +274,35 @@ def compact_groups(
 
 def log_report(report: FusionReport, name: str) -> None:
     """Log what fusion did, one line per source."""
-    log(INFO, "Fused %s: %d samples from %d sources -> %d (%d exact duplicates "
-        "removed), classes %s", name, report.before, len(report.sources),
-        report.after, report.duplicates, list(report.class_names))  # fmt: skip
+    log(
+        INFO,
+        "Fused %s: %d samples from %d sources -> %d (%d exact duplicates "
+        "removed), classes %s",
+        name,
+        report.before,
+        len(report.sources),
+        report.after,
+        report.duplicates,
+        list(report.class_names),
+    )
     for s in report.sources:
-        log(INFO, "  %s: %d before, %d after (%d duplicates of earlier sources), "
-            "groups %s", s.name, s.before, s.after, s.duplicates, list(s.groups))  # fmt: skip
+        log(
+            INFO,
+            "  %s: %d before, %d after (%d duplicates of earlier sources), groups %s",
+            s.name,
+            s.before,
+            s.after,
+            s.duplicates,
+            list(s.groups),
+        )
         if s.conflicts:
-            log(WARNING, "  %s: %d samples equal an earlier source's features with "
-                "a different label; kept", s.name, s.conflicts)  # fmt: skip
+            log(
+                WARNING,
+                "  %s: %d samples equal an earlier source's features with "
+                "a different label; kept",
+                s.name,
+                s.conflicts,
+            )
 
 
 def fuse(
@@ -281,7 +311,7 @@ def fuse(
     *,
     name: str | None = None,
 ) -> tuple[LabeledData, FusionReport]:
-    """Fuse ``sources`` into one dataset whose groups are the sources or their institutions.
+    """Fuse ``sources`` into one dataset, one group per source or per institution.
 
     Parameters
     ----------
@@ -314,21 +344,31 @@ def fuse(
     keep, conflicts = cross_source_duplicates(xs, ys)
 
     all_groups, all_group_names, reports = [], [], []
-    for source, source_name, x, mask, clashes in zip(
-        sources, names, xs, keep, conflicts, strict=True
+    for source, source_name, mask, clashes in zip(
+        sources, names, keep, conflicts, strict=True
     ):
         groups, group_names = source_groups(source, source_name)
         all_groups.append(groups[mask] + len(all_group_names))
         all_group_names.extend(group_names)
         kept_groups = tuple(group_names[g] for g in np.unique(groups[mask]))
-        reports.append(SourceReport(
-            name=source_name, before=len(source), after=int(mask.sum()),
-            duplicates=int((~mask).sum()), conflicts=clashes, groups=kept_groups,
-        ))  # fmt: skip
-    groups, group_names = compact_groups(np.concatenate(all_groups), tuple(all_group_names))
+        reports.append(
+            SourceReport(
+                name=source_name,
+                before=len(source),
+                after=int(mask.sum()),
+                duplicates=int((~mask).sum()),
+                conflicts=clashes,
+                groups=kept_groups,
+            )
+        )
+    groups, group_names = compact_groups(
+        np.concatenate(all_groups), tuple(all_group_names)
+    )
     fused_name = name or "+".join(names)
     fused = LabeledData(
-        x=np.concatenate([x[m] for x, m in zip(xs, keep, strict=True)]).astype(np.float32),
+        x=np.concatenate([x[m] for x, m in zip(xs, keep, strict=True)]).astype(
+            np.float32
+        ),
         y=np.concatenate([y[m] for y, m in zip(ys, keep, strict=True)]),
         num_classes=len(class_names),
         kind=sources[0].kind,

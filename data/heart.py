@@ -124,7 +124,7 @@ def preprocess_heart(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def download_heart_file(site: str, cache_dir: Path) -> Path:
-    """Return the cached file of ``site``, downloading it from :data:`HEART_URL` if absent.
+    """Return the cached file of ``site``, downloaded from :data:`HEART_URL` if absent.
 
     The download goes to a temporary name and is renamed into place, so an
     interrupted download never leaves a truncated file; an existing file is
@@ -142,7 +142,7 @@ def download_heart_file(site: str, cache_dir: Path) -> Path:
     url = HEART_URL + heart_file_name(site)
     partial = target.with_name(target.name + f".part{os.getpid()}")
     try:
-        with urllib.request.urlopen(url, timeout=60) as response:  # noqa: S310 (fixed https URL)
+        with urllib.request.urlopen(url, timeout=60) as response:  # noqa: S310 (fixed URL)
             partial.write_bytes(response.read())
     except OSError as err:  # URLError and socket timeouts are OSErrors
         partial.unlink(missing_ok=True)
@@ -184,7 +184,9 @@ def heart_files(data_path: str, sites: tuple[str, ...] = HEART_SITES) -> list[Pa
     return paths
 
 
-def load_heart(data_path: str = "", sites: tuple[str, ...] = HEART_SITES) -> LabeledData:
+def load_heart(
+    data_path: str = "", sites: tuple[str, ...] = HEART_SITES
+) -> LabeledData:
     """Load UCI Heart Disease, one group per hospital.
 
     Parameters
@@ -208,7 +210,8 @@ def load_heart(data_path: str = "", sites: tuple[str, ...] = HEART_SITES) -> Lab
     unknown = [s for s in sites if s not in HEART_SITES]
     if unknown or not sites:
         raise ValueError(
-            f"heart sites {list(sites)} must be a non-empty subset of {list(HEART_SITES)}"
+            f"heart sites {list(sites)} must be a non-empty subset of "
+            f"{list(HEART_SITES)}"
         )
     xs, ys, groups = [], [], []
     for index, path in enumerate(heart_files(data_path, sites)):

@@ -1,4 +1,4 @@
-"""MNIST (LeCun et al. 1998): 70,000 28x28 handwritten digits, the FedAvg reference task.
+"""MNIST (LeCun et al. 1998): 70,000 28x28 handwritten digits, FedAvg's reference task.
 
 McMahan et al. (2017), "Communication-Efficient Learning of Deep Networks from
 Decentralized Data" (AISTATS), train on MNIST's 60,000 training images split
@@ -87,9 +87,9 @@ def read_mnist_npz(
     return (arrays["x_train"], arrays["y_train"]), (arrays["x_test"], arrays["y_test"])
 
 
-def download_mnist() -> (
-    tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
-):
+def download_mnist() -> tuple[
+    tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]
+]:
     """Fetch MNIST with ``keras.datasets.mnist.load_data()`` (cached by Keras).
 
     Raises

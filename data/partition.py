@@ -132,7 +132,8 @@ def partition_indices(
         if len(present) != num_partitions:
             raise ValueError(
                 f"partitioner='natural' gives one client per institution: "
-                f"{len(present)} institutions, but {num_partitions} clients were asked for"
+                f"{len(present)} institutions, but {num_partitions} clients were "
+                "asked for"
             )
         part = NaturalIdPartitioner(partition_by="column")
         column = groups
@@ -144,7 +145,7 @@ def partition_indices(
     # the k-th smallest group id, matching the other partitioners' 0..n-1.
     try:
         with warnings.catch_warnings():
-            # DirichletPartitioner warns on each resampling; the error below says it all.
+            # DirichletPartitioner warns on each resampling; our error says it all.
             warnings.simplefilter("ignore", UserWarning)
             # pyarrow's deprecation notice inside datasets' sort is not ours to fix.
             warnings.filterwarnings("ignore", category=FutureWarning, module="pyarrow")
@@ -161,7 +162,9 @@ def partition_indices(
             f"or a larger dirichlet-alpha ({err})"
         ) from err
     if partitioner == "shards":
-        positions = _give_shard_remainder(positions, n, num_partitions * shards_per_client)
+        positions = _give_shard_remainder(
+            positions, n, num_partitions * shards_per_client
+        )
     result = [np.sort(order[p]) for p in positions]
     empty = [k for k, idx in enumerate(result) if len(idx) == 0]
     if empty:
@@ -180,12 +183,16 @@ def _give_shard_remainder(
     ``ShardPartitioner`` uses ``num_shards * (n // num_shards)`` samples; the
     rest, at the end of the label-sorted order, would otherwise be lost.
     """
-    used = num_shards * (n // num_shards)
-    if used == n:
+    if num_shards * (n // num_shards) == n:
         return positions
-    holder = next(k for k, p in enumerate(positions) if (p == used - 1).any())
+    assigned = np.concatenate(positions)
+    leftover = np.setdiff1d(np.arange(n), assigned)
+    # The data is label-sorted, so the last whole shard ends at the largest
+    # assigned position, next to the leftover samples' labels.
+    last = assigned.max()
+    holder = next(k for k, p in enumerate(positions) if (p == last).any())
     positions = list(positions)
-    positions[holder] = np.concatenate([positions[holder], np.arange(used, n)])
+    positions[holder] = np.concatenate([positions[holder], leftover])
     return positions
 
 

@@ -3,15 +3,14 @@
 ``dataset`` is one registered name, or several joined by ``+`` to fuse them
 (:func:`data.fusion.fuse`), e.g. ``"heart+csv"``:
 
-==========  ===============================================  =====================
-name        ``data-path``                                    module
-==========  ===============================================  =====================
-``digits``  ignored (bundled with scikit-learn)               :mod:`data.digits`
-``mnist``   ``""``: Keras download; or a Keras-layout .npz    :mod:`data.mnist`
-``heart``   ``""``: UCI download; or a folder of the 4 files  :mod:`data.heart`
-``csv``     ``file.csv[?label=col][&institution=col]``       :mod:`data.tabular_file`
-``npz``     ``file.npz[?label=col][&institution=col]``       :mod:`data.tabular_file`
-==========  ===============================================  =====================
+- ``digits``: scikit-learn's bundled digits (:mod:`data.digits`); ``data-path``
+  is ignored.
+- ``mnist``: ``data-path`` a Keras-layout ``.npz`` (or a folder holding
+  ``mnist.npz``); empty downloads with Keras (:mod:`data.mnist`).
+- ``heart``: ``data-path`` a folder of the four ``processed.<site>.data``
+  files; empty downloads from UCI into a cache (:mod:`data.heart`).
+- ``csv`` / ``npz``: ``data-path`` is ``file[?label=col][&institution=col]``
+  (:mod:`data.tabular_file`).
 
 For a fused dataset, ``data-path`` is empty (every source's default) or one
 entry per source, in the same order, separated by ``;`` (an empty entry
@@ -132,10 +131,13 @@ def load_fused(dataset: str, data_path: str = "") -> tuple[LabeledData, FusionRe
     """
     names = source_names(dataset)
     loaded = [
-        SOURCES[n](p) for n, p in zip(names, split_data_path(data_path, len(names)), strict=True)
+        SOURCES[n](p)
+        for n, p in zip(names, split_data_path(data_path, len(names)), strict=True)
     ]
     return fuse(
-        [s.data for s in loaded], [s.schema for s in loaded], name=FUSION_SEPARATOR.join(names)
+        [s.data for s in loaded],
+        [s.schema for s in loaded],
+        name=FUSION_SEPARATOR.join(names),
     )
 
 
@@ -147,7 +149,9 @@ def load_source(name: str, data_path: str = "") -> LabeledData:
     return SOURCES[names[0]](data_path).data
 
 
-def load_official_split(name: str, data_path: str = "") -> tuple[LabeledData, LabeledData] | None:
-    """The published ``(train, test)`` split of source ``name``, or None if it has none."""
+def load_official_split(
+    name: str, data_path: str = ""
+) -> tuple[LabeledData, LabeledData] | None:
+    """The published ``(train, test)`` split of source ``name``; None if none."""
     split = OFFICIAL_SPLITS.get(name.strip())
     return None if split is None else split(data_path)

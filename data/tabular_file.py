@@ -4,9 +4,9 @@ Selected with ``dataset = "csv"`` or ``dataset = "npz"``; the run-config key
 ``data-path`` names the file, optionally followed by a query that names the
 columns::
 
-    data-path = "records.csv"                                # columns "label", "institution"
-    data-path = "records.csv?label=diagnosis"                # label column "diagnosis"
-    data-path = "records.npz?label=y&institution=hospital"   # both named
+    data-path = "records.csv"                       # columns "label", "institution"
+    data-path = "records.csv?label=diagnosis"       # label column "diagnosis"
+    data-path = "records.npz?label=y&institution=site"  # both named
 
 - ``label`` (default ``label``): the class of each row. Non-negative integers
   (``0``, ``3``, ``2.0``) are used as class ids and the label space is
@@ -160,7 +160,9 @@ def read_npz_columns(path: Path) -> dict[str, np.ndarray]:
         raise ValueError(f"{path} is not a readable .npz of columns: {err}") from err
     bad = {name: a.shape for name, a in columns.items() if a.ndim != 1}
     if bad:
-        raise ValueError(f"{path}: every column must be a 1-D array; found shapes {bad}")
+        raise ValueError(
+            f"{path}: every column must be a 1-D array; found shapes {bad}"
+        )
     lengths = {name: len(a) for name, a in columns.items()}
     if len(set(lengths.values())) > 1:
         raise ValueError(f"{path}: columns differ in length: {lengths}")
@@ -170,7 +172,7 @@ def read_npz_columns(path: Path) -> dict[str, np.ndarray]:
 
 
 def canonical_value(value: object) -> str:
-    """Write a label or institution value as text: ``2.0`` and ``"2"`` both as ``"2"``."""
+    """A label or institution value as text: ``2.0`` and ``"2"`` both give ``"2"``."""
     text = str(value).strip()
     try:
         number = float(text)
@@ -211,7 +213,8 @@ def numeric_column(
             out[k] = float(cell)
         except ValueError:
             raise ValueError(
-                f"{source}: column {column!r}, data row {rows[k] + 1}: {str(cell)!r} is not a "
+                f"{source}: column {column!r}, data row {rows[k] + 1}: "
+                f"{str(cell)!r} is not a "
                 f"number; encode it numerically, or name it with ?label= or "
                 "?institution= if it is the label or the institution"
             ) from None
@@ -258,7 +261,9 @@ def table_from_columns(
             f"{source}: label column {spec.label_column!r} not found; columns are "
             f"{available}; name the label column with '?label=<column>'"
         )
-    institution = spec.institution_column if spec.institution_column in columns else None
+    institution = (
+        spec.institution_column if spec.institution_column in columns else None
+    )
     if institution is None and spec.institution_required:
         raise ValueError(
             f"{source}: institution column {spec.institution_column!r} not found; "
@@ -266,9 +271,12 @@ def table_from_columns(
         )
     if institution == spec.label_column:
         raise ValueError(
-            f"{source}: column {spec.label_column!r} cannot be both label and institution"
+            f"{source}: column {spec.label_column!r} cannot be both label "
+            "and institution"
         )
-    feature_names = tuple(c for c in available if c not in (spec.label_column, institution))
+    feature_names = tuple(
+        c for c in available if c not in (spec.label_column, institution)
+    )
     if not feature_names:
         raise ValueError(f"{source}: no feature columns besides {available}")
     missing = np.zeros(len(columns[spec.label_column]), dtype=bool)
@@ -278,13 +286,23 @@ def table_from_columns(
     if not keep.any():
         raise ValueError(f"{source}: no row is complete (every row misses a value)")
     if missing.any():
-        log(INFO, "%s: dropped %d of %d rows with missing values", source,
-            int(missing.sum()), len(missing))  # fmt: skip
+        log(
+            INFO,
+            "%s: dropped %d of %d rows with missing values",
+            source,
+            int(missing.sum()),
+            len(missing),
+        )
     x = np.stack(
-        [numeric_column(columns[c][keep], c, source, np.flatnonzero(keep)) for c in feature_names],
+        [
+            numeric_column(columns[c][keep], c, source, np.flatnonzero(keep))
+            for c in feature_names
+        ],
         axis=1,
     )
-    y, class_names = encode_labels([canonical_value(v) for v in columns[spec.label_column][keep]])
+    y, class_names = encode_labels(
+        [canonical_value(v) for v in columns[spec.label_column][keep]]
+    )
     groups, group_names = (None, ())
     if institution is not None:
         groups, group_names = encode_groups(
@@ -303,7 +321,7 @@ def table_from_columns(
 
 
 def read_table_file(data_path: str, file_format: FileFormat) -> TableFile:
-    """Load a user's CSV or ``.npz`` table named by ``data_path`` (see module docstring).
+    """Load the CSV or ``.npz`` table ``data_path`` names (see the module docstring).
 
     Raises
     ------
@@ -314,7 +332,9 @@ def read_table_file(data_path: str, file_format: FileFormat) -> TableFile:
     """
     spec = parse_file_spec(data_path, file_format)
     if not spec.path.is_file():
-        raise FileNotFoundError(f"dataset={file_format!r}: file {spec.path} does not exist")
+        raise FileNotFoundError(
+            f"dataset={file_format!r}: file {spec.path} does not exist"
+        )
     other = "npz" if file_format == "csv" else "csv"
     if spec.path.suffix.lower() == f".{other}":
         raise ValueError(
@@ -322,9 +342,15 @@ def read_table_file(data_path: str, file_format: FileFormat) -> TableFile:
         )
     reader = read_csv_columns if file_format == "csv" else read_npz_columns
     table = table_from_columns(reader(spec.path), spec, str(spec.path))
-    log(INFO, "%s: %d rows, %d features, classes %s, institutions %s", spec.path,
-        len(table.data), len(table.feature_names), list(table.class_names),
-        list(table.data.group_names) or "none")  # fmt: skip
+    log(
+        INFO,
+        "%s: %d rows, %d features, classes %s, institutions %s",
+        spec.path,
+        len(table.data),
+        len(table.feature_names),
+        list(table.class_names),
+        list(table.data.group_names) or "none",
+    )
     return table
 
 

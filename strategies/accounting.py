@@ -37,6 +37,7 @@ warns when it is not, i.e. for more than 1e5 clients).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import Counter
 from collections.abc import Sequence
@@ -48,6 +49,7 @@ from dp_accounting import NeighboringRelation
 from dp_accounting.pld import PLDAccountant
 from dp_accounting.rdp import RdpAccountant
 from dp_accounting.rdp.rdp_privacy_accountant import compute_epsilon
+from scipy.optimize import brentq
 
 Sampling = Literal["poisson", "fixed"]
 SAMPLING_SCHEMES: tuple[str, ...] = ("poisson", "fixed")
@@ -149,8 +151,9 @@ def round_event(
 class PrivacyLedger:
     """Running (epsilon, delta) of a DP-FedAvg run, one composed event per round.
 
-    The RDP accountant (dp-accounting's ``RdpAccountant`` with its default
-    orders) gives ``epsilon``, a valid upper bound that never decreases as
+    RDP (dp-accounting's ``RdpAccountant`` RDP of each distinct event at its
+    default orders, summed over rounds, converted with its ``compute_epsilon``)
+    gives ``epsilon``, a valid upper bound that never decreases as
     rounds are added. For Poisson sampling a PLD accountant can give the
     tighter ``epsilon_pld`` as well (dp-accounting 0.6 has no PLD for sampling
     without replacement).
@@ -178,7 +181,9 @@ class PrivacyLedger:
         self.relation = neighboring_relation(sampling)
         self.target_delta = target_delta
         self.compute_pld = compute_pld and sampling == "poisson"
-        self._rdp = RdpAccountant(neighboring_relation=self.relation)
+        self._orders = np.asarray(RdpAccountant().orders, dtype=np.float64)
+        self._rdp = np.zeros_like(self._orders)
+        self._rdp_of_event: dict[dp_accounting.DpEvent, np.ndarray] = {}
         self._events: list[dp_accounting.DpEvent] = []
         self._pld_cache: tuple[int, float] | None = None
 
@@ -192,11 +197,20 @@ class PrivacyLedger:
         """The composed events, in order."""
         return list(self._events)
 
+    def event_rdp(self, event: dp_accounting.DpEvent) -> np.ndarray:
+        """RDP of one ``event`` at the accountant's orders (computed once per distinct event)."""
+        rdp = self._rdp_of_event.get(event)
+        if rdp is None:
+            accountant = RdpAccountant(orders=self._orders, neighboring_relation=self.relation)
+            if not accountant.supports(event):
+                raise ValueError(f"event {event} is not supported under {self.relation}")
+            rdp = accountant.compose(event).rdp
+            self._rdp_of_event[event] = rdp
+        return rdp
+
     def compose(self, event: dp_accounting.DpEvent) -> None:
-        """Add one released round to the ledger."""
-        if not self._rdp.supports(event):
-            raise ValueError(f"event {event} is not supported under {self.relation}")
-        self._rdp.compose(event)
+        """Add one released round to the ledger (RDP adds up over rounds)."""
+        self._rdp = self._rdp + self.event_rdp(event)
         self._events.append(event)
 
     @property
@@ -204,7 +218,7 @@ class PrivacyLedger:
         """RDP epsilon at ``target_delta`` of all rounds so far (0 before any)."""
         if not self._events:
             return 0.0
-        return float(self._rdp.get_epsilon(self.target_delta))
+        return float(compute_epsilon(self._orders, self._rdp, self.target_delta)[0])
 
     @property
     def epsilon_pld(self) -> float | None:
@@ -224,10 +238,8 @@ class PrivacyLedger:
         """RDP epsilon if ``rounds`` more rounds of ``event`` were composed."""
         if rounds <= 0:
             return self.epsilon
-        extra = RdpAccountant(orders=self._rdp.orders, neighboring_relation=self.relation)
-        extra.compose(event, rounds)
-        rdp = self._rdp.rdp + extra.rdp
-        return float(compute_epsilon(self._rdp.orders, rdp, self.target_delta)[0])
+        rdp = self._rdp + rounds * self.event_rdp(event)
+        return float(compute_epsilon(self._orders, rdp, self.target_delta)[0])
 
     def would_exceed(self, event: dp_accounting.DpEvent, target_epsilon: float) -> bool:
         """Whether releasing one more round of ``event`` would take epsilon above the target."""
@@ -267,9 +279,7 @@ def projected_epsilon(
         num_nodes=num_nodes,
         sample_size=sample_size,
     )
-    return PrivacyLedger(sampling, target_delta, compute_pld=False).epsilon_after(
-        event, num_rounds
-    )
+    return PrivacyLedger(sampling, target_delta, compute_pld=False).epsilon_after(event, num_rounds)
 
 
 def calibrate_noise_multiplier(
@@ -314,6 +324,7 @@ def calibrate_noise_multiplier(
             raise ValueError("fixed-size sampling needs num_nodes")
         sample_size = fixed_sample_size(num_nodes, sampling_rate)
 
+    @functools.cache
     def eps(z: float) -> float:
         return projected_epsilon(
             sampling,
@@ -325,23 +336,24 @@ def calibrate_noise_multiplier(
             sample_size=sample_size,
         )
 
+    lo: float | None = None
     hi = 1.0
     while eps(hi) > target_epsilon:
-        hi *= 2.0
+        lo, hi = hi, hi * 2.0
         if hi > 1e6:
             raise ValueError(f"no noise multiplier up to 1e6 reaches epsilon {target_epsilon}")
-    lo = hi / 2.0
-    while eps(lo) <= target_epsilon:
-        hi, lo = lo, lo / 2.0
-        if lo < 1e-3:
-            return hi
-    while hi - lo > tol:  # eps is non-increasing in z: keep eps(hi) <= target < eps(lo)
-        mid = 0.5 * (lo + hi)
-        if eps(mid) <= target_epsilon:
-            hi = mid
-        else:
-            lo = mid
-    return float(hi)
+    if lo is None:
+        lo = hi / 2.0
+        while eps(lo) <= target_epsilon:
+            hi, lo = lo, lo / 2.0
+            if lo < 1e-3:
+                return hi
+    # eps is non-increasing in z and eps(hi) <= target < eps(lo): Brent's method,
+    # then step up until the budget holds (the root is only known to within tol).
+    z = float(brentq(lambda x: eps(x) - target_epsilon, lo, hi, xtol=tol / 2))
+    while eps(z) > target_epsilon:
+        z += tol / 2
+    return z
 
 
 def local_dp_epsilon(

@@ -64,8 +64,7 @@ def check_update(update: Arrays, reference: Arrays) -> None:
 def model_update(new_arrays: Arrays, old_arrays: Arrays) -> dict[str, np.ndarray]:
     """``new - old`` key by key, in float64 (no float32 overflow or cancellation)."""
     return {
-        key: np.subtract(new_arrays[key], old, dtype=np.float64)
-        for key, old in old_arrays.items()
+        key: np.subtract(new_arrays[key], old, dtype=np.float64) for key, old in old_arrays.items()
     }
 
 
@@ -78,14 +77,13 @@ def l2_norm(arrays: Arrays) -> float:
     norm. Returns ``nan``/``inf`` for non-finite input (check it first).
     """
     total = 0.0
-    for value in arrays.values():
-        flat = np.asarray(value, dtype=np.float64).ravel()
-        total += float(np.dot(flat, flat))
+    with np.errstate(over="ignore", invalid="ignore"):
+        for value in arrays.values():
+            flat = np.asarray(value, dtype=np.float64).ravel()
+            total += float(np.dot(flat, flat))
     if math.isfinite(total):
         return math.sqrt(total)
-    scale = max(
-        (float(np.max(np.abs(v))) for v in arrays.values() if np.size(v)), default=0.0
-    )
+    scale = max((float(np.max(np.abs(v))) for v in arrays.values() if np.size(v)), default=0.0)
     if not math.isfinite(scale):
         return scale  # inf, or nan if any entry is nan
     total = 0.0
@@ -134,9 +132,7 @@ def clip_update(update: Arrays, clipping_norm: float) -> tuple[dict[str, np.ndar
     return clipped, norm
 
 
-def sum_arrays(
-    arrays: Iterable[Arrays], template: Arrays
-) -> dict[str, np.ndarray]:
+def sum_arrays(arrays: Iterable[Arrays], template: Arrays) -> dict[str, np.ndarray]:
     """Key-by-key float64 sum of ``arrays``; zeros shaped like ``template`` if none."""
     total = {key: np.zeros(np.shape(value), dtype=np.float64) for key, value in template.items()}
     for item in arrays:
@@ -205,6 +201,4 @@ def clip_to_reference(
         target -= 2.0 * (sent_norm - clipping_norm)
         if target <= 0:
             break
-    raise InvalidUpdate(
-        f"cannot clip to {clipping_norm:g} at the arrays' float resolution"
-    )
+    raise InvalidUpdate(f"cannot clip to {clipping_norm:g} at the arrays' float resolution")

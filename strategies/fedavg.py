@@ -120,6 +120,7 @@ class FedAvg(Strategy):
         self._sent_arrays: dict[str, np.ndarray] = {}
         self.last_num_sampled = 0
         self.last_num_rejected = 0
+        self.stop_reason: str | None = None
 
     def summary(self) -> None:
         """Log the strategy's settings."""
@@ -134,6 +135,14 @@ class FedAvg(Strategy):
             self.min_evaluate_nodes,
             self.node_wait_timeout,
         )
+
+    def should_stop(self, server_round: int, grid: Grid | None = None) -> str | None:
+        """Why round ``server_round`` must not start, or ``None`` to run it.
+
+        Plain FedAvg always runs; DP-FedAvg stops before a round that would
+        exceed its privacy budget. Checked at the top of every round.
+        """
+        return None
 
     # ------------------------------------------------------------------ sampling
     def sample_train_nodes(self, grid: Grid) -> list[int]:
@@ -299,6 +308,11 @@ class FedAvg(Strategy):
             listener(report)
 
         for server_round in range(1, num_rounds + 1):
+            reason = self.should_stop(server_round, grid)
+            if reason is not None:
+                log(WARNING, "Stopping before round %d: %s", server_round, reason)
+                self.stop_reason = reason
+                break
             t_round = time.monotonic()
             report = RoundReport(server_round=server_round, num_rounds=num_rounds)
             replies = grid.send_and_receive(

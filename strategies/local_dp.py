@@ -76,7 +76,9 @@ def analytic_gaussian_sigma(epsilon: float, delta: float, sensitivity: float = 1
 def classic_gaussian_sigma(epsilon: float, delta: float, sensitivity: float = 1.0) -> float:
     """``sensitivity * sqrt(2 ln(1.25/delta)) / epsilon``, valid only for ``epsilon < 1``."""
     if not 0 < epsilon < 1:
-        raise ValueError(f"the classic Gaussian bound holds only for 0 < epsilon < 1, got {epsilon}")
+        raise ValueError(
+            f"the classic Gaussian bound holds only for 0 < epsilon < 1, got {epsilon}"
+        )
     return sensitivity * math.sqrt(2.0 * math.log(1.25 / delta)) / epsilon
 
 

@@ -37,7 +37,7 @@ from data.tabular_file import load_csv, load_npz, parse_file_spec, read_table_fi
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 MNIST_NPZ = SHARED / "mnist" / "mnist.npz"
 HEART_DIR = SHARED / "heart-disease"
-# Published counts after FLamby's preprocessing (drop slope/ca/thal, drop incomplete rows).
+# Published counts after FLamby's preprocessing (drop slope/ca/thal, incomplete rows).
 HEART_ROWS = {"cleveland": 303, "hungarian": 261, "switzerland": 46, "va": 130}
 
 
@@ -57,12 +57,16 @@ def heart_raw_rows() -> dict[str, list[str]]:
     """Each hospital file's non-empty lines, read directly (not through the loader)."""
     folder = need(HEART_DIR)
     return {
-        site: [l for l in (folder / heart_file_name(site)).read_text().splitlines() if l.strip()]
+        site: [
+            line
+            for line in (folder / heart_file_name(site)).read_text().splitlines()
+            if line.strip()
+        ]
         for site in HEART_SITES
     }
 
 
-# --- MNIST -----------------------------------------------------------------------------
+# --- MNIST ------------------------------------------------------------
 
 
 def test_mnist_npz_gives_the_official_split_scaled(mnist_split: tuple) -> None:
@@ -80,7 +84,11 @@ def test_mnist_npz_gives_the_official_split_scaled(mnist_split: tuple) -> None:
 def test_mnist_whole_set_puts_the_training_images_first(mnist_split: tuple) -> None:
     whole = load_source("mnist", str(MNIST_NPZ.parent))  # a folder holding mnist.npz
     train, test = mnist_split
-    assert len(whole) == 70000 and whole.kind == "image" and whole.input_shape == (28, 28, 1)
+    assert (
+        len(whole) == 70000
+        and whole.kind == "image"
+        and whole.input_shape == (28, 28, 1)
+    )
     np.testing.assert_array_equal(whole.y[:MNIST_TRAIN_SIZE], train.y)
     np.testing.assert_array_equal(whole.x[MNIST_TRAIN_SIZE:], test.x)
     official = load_official_split("mnist", str(MNIST_NPZ))
@@ -89,7 +97,7 @@ def test_mnist_whole_set_puts_the_training_images_first(mnist_split: tuple) -> N
 
 
 def test_mnist_download_path_calls_keras(monkeypatch: pytest.MonkeyPatch) -> None:
-    """With no data-path the loader asks keras.datasets.mnist.load_data() (faked offline)."""
+    """With no data-path the loader calls keras.datasets.mnist.load_data() (faked)."""
     rng = np.random.default_rng(0)
     fake = (
         (rng.integers(0, 256, (12, 28, 28), dtype=np.uint8), np.arange(12) % 10),
@@ -126,12 +134,22 @@ def test_mnist_malformed_files_are_clear_errors(tmp_path: Path) -> None:
     np.savez(tmp_path / "nokey.npz", x_train=images, y_train=labels, x_test=images)
     with pytest.raises(ValueError, match="y_test"):
         load_mnist(str(tmp_path / "nokey.npz"))
-    np.savez(tmp_path / "shape.npz", x_train=images[:, :14], y_train=labels,
-             x_test=images, y_test=labels)  # fmt: skip
+    np.savez(
+        tmp_path / "shape.npz",
+        x_train=images[:, :14],
+        y_train=labels,
+        x_test=images,
+        y_test=labels,
+    )
     with pytest.raises(ValueError, match=r"\(n, 28, 28\)"):
         load_mnist(str(tmp_path / "shape.npz"))
-    np.savez(tmp_path / "label.npz", x_train=images, y_train=labels + 7,
-             x_test=images, y_test=labels)  # fmt: skip
+    np.savez(
+        tmp_path / "label.npz",
+        x_train=images,
+        y_train=labels + 7,
+        x_test=images,
+        y_test=labels,
+    )
     with pytest.raises(ValueError, match="0..9"):
         load_mnist(str(tmp_path / "label.npz"))
     (tmp_path / "text.npz").write_text("not an archive")
@@ -144,23 +162,28 @@ def test_mnist_malformed_files_are_clear_errors(tmp_path: Path) -> None:
 
 def test_heart_gives_the_published_rows_per_hospital(heart_raw_rows: dict) -> None:
     heart = load_source("heart", str(HEART_DIR))
-    assert heart.kind == "tabular" and heart.x.shape == (740, len(HEART_FEATURES)) == (740, 10)
+    assert heart.kind == "tabular" and heart.x.shape == (740, len(HEART_FEATURES)) == (
+        740,
+        10,
+    )
     assert heart.group_names == HEART_SITE_NAMES and heart.num_classes == 2
     counts = np.bincount(heart.groups, minlength=4)
     assert dict(zip(HEART_SITES, counts.tolist(), strict=True)) == HEART_ROWS
     assert not np.isnan(heart.x).any()
     # Label = num > 0, recomputed from the raw Cleveland file (no row is dropped there).
-    num = np.array([float(l.split(",")[-1]) for l in heart_raw_rows["cleveland"]])
+    num = np.array([float(line.split(",")[-1]) for line in heart_raw_rows["cleveland"]])
     np.testing.assert_array_equal(heart.y[heart.groups == 0], (num > 0).astype(int))
     # Not standardised here: age keeps its unit (years).
     age = heart.x[:, HEART_FEATURES.index("age")]
     assert 20 < age.min() and age.max() < 90
 
 
-def test_heart_reads_question_marks_like_nan(tmp_path: Path, heart_raw_rows: dict) -> None:
+def test_heart_reads_question_marks_like_nan(
+    tmp_path: Path, heart_raw_rows: dict
+) -> None:
     for site, lines in heart_raw_rows.items():
         (tmp_path / heart_file_name(site)).write_text(
-            "\n".join(l.replace("NaN", "?") for l in lines) + "\n"
+            "\n".join(line.replace("NaN", "?") for line in lines) + "\n"
         )
     assert "?" in (tmp_path / heart_file_name("hungarian")).read_text()
     original = load_heart(str(HEART_DIR))
@@ -178,7 +201,10 @@ def test_heart_missing_or_malformed_files_are_clear_errors(
         load_heart(str(tmp_path))
     with pytest.raises(FileNotFoundError, match="not a folder"):
         load_heart(str(tmp_path / heart_file_name("cleveland")))
-    short = heart_raw_rows["va"][:3] + [",".join(heart_raw_rows["va"][3].split(",")[:13])]
+    short = [
+        *heart_raw_rows["va"][:3],
+        ",".join(heart_raw_rows["va"][3].split(",")[:13]),
+    ]
     (tmp_path / heart_file_name("va")).write_text("\n".join(short))
     with pytest.raises(ValueError, match=r"processed\.va\.data, line 4: 13 values"):
         load_heart(str(tmp_path))
@@ -194,7 +220,7 @@ def test_heart_missing_or_malformed_files_are_clear_errors(
 def test_heart_download_fills_the_cache_and_never_overwrites(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, heart_raw_rows: dict
 ) -> None:
-    """With no data-path the files come from UCI (faked offline) into the cache folder."""
+    """With no data-path the files come from UCI (faked offline) into the cache."""
     monkeypatch.setenv("FEDPRIVACY_CACHE", str(tmp_path))
     cache = tmp_path / "heart-disease"
     cache.mkdir()
@@ -212,11 +238,14 @@ def test_heart_download_fills_the_cache_and_never_overwrites(
     heart = load_heart("")
     assert fetched == [
         f"https://archive.ics.uci.edu/ml/machine-learning-databases/heart-disease/"
-        f"{heart_file_name(s)}" for s in HEART_SITES[1:]
-    ]  # fmt: skip
+        f"{heart_file_name(s)}"
+        for s in HEART_SITES[1:]
+    ]
     assert (cache / heart_file_name("cleveland")).read_text() == kept
     assert np.bincount(heart.groups).tolist() == [302, 261, 46, 130]
-    assert sorted(p.name for p in cache.iterdir()) == sorted(map(heart_file_name, HEART_SITES))
+    assert sorted(p.name for p in cache.iterdir()) == sorted(
+        map(heart_file_name, HEART_SITES)
+    )
 
     def offline(url: str, timeout: float) -> None:
         raise urllib.error.URLError("no route to host")
@@ -228,11 +257,13 @@ def test_heart_download_fills_the_cache_and_never_overwrites(
     assert not list(cache.glob("*.part*"))
 
 
-# --- A user's own CSV / npz ------------------------------------------------------------
+# --- A user's own CSV / npz ---------------------------------------------
 
 
-def write_heart_csv(path: Path, raw_rows: dict, sites: tuple[str, ...], columns: list[str]) -> int:
-    """Write real heart rows as a CSV with a header, `label` = num, `institution` = site."""
+def write_heart_csv(
+    path: Path, raw_rows: dict, sites: tuple[str, ...], columns: list[str]
+) -> int:
+    """Write real heart rows as a CSV: a header, `label` = num, `institution` = site."""
     lines = [",".join(columns)]
     for site in sites:
         for line in raw_rows[site]:
@@ -244,9 +275,13 @@ def write_heart_csv(path: Path, raw_rows: dict, sites: tuple[str, ...], columns:
     return len(lines) - 1
 
 
-def test_csv_of_real_rows_matches_the_heart_loader(tmp_path: Path, heart_raw_rows: dict) -> None:
+def test_csv_of_real_rows_matches_the_heart_loader(
+    tmp_path: Path, heart_raw_rows: dict
+) -> None:
     columns = ["institution", *reversed(HEART_FEATURES), "label"]
-    write_heart_csv(tmp_path / "clinic.csv", heart_raw_rows, ("cleveland", "va"), columns)
+    write_heart_csv(
+        tmp_path / "clinic.csv", heart_raw_rows, ("cleveland", "va"), columns
+    )
     table = read_table_file(str(tmp_path / "clinic.csv"), "csv")
     data = table.data
     assert table.feature_names == tuple(reversed(HEART_FEATURES))
@@ -261,14 +296,19 @@ def test_csv_of_real_rows_matches_the_heart_loader(tmp_path: Path, heart_raw_row
     np.testing.assert_array_equal(data.y > 0, heart.y == 1)
 
 
-def test_csv_query_names_the_columns_and_text_labels_are_classes(tmp_path: Path) -> None:
+def test_csv_query_names_the_columns_and_text_labels_are_classes(
+    tmp_path: Path,
+) -> None:
     path = tmp_path / "t.csv"
     path.write_text(
         "site,a,b,diagnosis\n"
         'north,1.5,2,benign\nsouth,"3",4,malignant\nnorth,5,NA,benign\nsouth,7,8,benign\n'
     )
     table = read_table_file(f"{path}?label=diagnosis&institution=site", "csv")
-    assert table.feature_names == ("a", "b") and table.class_names == ("benign", "malignant")
+    assert table.feature_names == ("a", "b") and table.class_names == (
+        "benign",
+        "malignant",
+    )
     np.testing.assert_array_equal(table.data.x, [[1.5, 2], [3, 4], [7, 8]])
     np.testing.assert_array_equal(table.data.y, [0, 1, 0])
     assert table.data.group_names == ("north", "south")
@@ -302,6 +342,11 @@ def test_csv_errors_name_the_file_and_columns(tmp_path: Path) -> None:
     (tmp_path / "dup.csv").write_text("a,a,label\n1,2,0\n")
     with pytest.raises(ValueError, match=r"repeated \['a'\]"):
         load_csv(str(tmp_path / "dup.csv"))
+    (tmp_path / "word.csv").write_text("a,label\n1,0\n?,1\nfoo,0\n")
+    with pytest.raises(
+        ValueError, match="column 'a', data row 3: 'foo' is not a number"
+    ):
+        load_csv(str(tmp_path / "word.csv"))
     (tmp_path / "only.csv").write_text("label\n0\n")
     with pytest.raises(ValueError, match="no feature columns"):
         load_csv(str(tmp_path / "only.csv"))
@@ -315,7 +360,11 @@ def test_npz_columns_load_like_csv(tmp_path: Path) -> None:
     hospital = np.arange(20) % 3
     np.savez(tmp_path / "t.npz", a=a, b=b, label=label, institution=hospital)
     data = load_npz(str(tmp_path / "t.npz"))
-    assert len(data) == 19 and data.input_shape == (2,) and data.group_names == ("0", "1", "2")
+    assert (
+        len(data) == 19
+        and data.input_shape == (2,)
+        and data.group_names == ("0", "1", "2")
+    )
     np.testing.assert_array_equal(data.y, (np.delete(label, 3) == "yes").astype(int))
     np.testing.assert_allclose(data.x[:, 1], np.delete(b, 3).astype(np.float32))
     assert load_source("npz", str(tmp_path / "t.npz")).name == "t.npz"
@@ -338,7 +387,7 @@ def test_file_spec_defaults() -> None:
     assert spec.institution_column == "institution" and not spec.institution_required
 
 
-# --- The registry ----------------------------------------------------------------------
+# --- The registry -------------------------------------------------------
 
 
 def test_registry_names_and_clear_errors() -> None:
@@ -347,7 +396,9 @@ def test_registry_names_and_clear_errors() -> None:
     assert not is_known_dataset("cifar10") and not is_known_dataset("heart+")
     with pytest.raises(ValueError, match=r"\['cifar10'\] not among csv, digits, heart"):
         load_source("cifar10")
-    with pytest.raises(ValueError, match="2 ';'-separated entries but the dataset fuses 3"):
+    with pytest.raises(
+        ValueError, match="2 ';'-separated entries but the dataset fuses 3"
+    ):
         split_data_path("a;b", 3)
     assert split_data_path("", 2) == ["", ""] and split_data_path("a;", 2) == ["a", ""]
     with pytest.raises(ValueError, match="use load_fused"):

@@ -44,3 +44,25 @@ def test_bad_run_config_fails_before_round_one(tmp_path: Path) -> None:
     assert "'partitioner' = 'random' is not allowed" in log, log[-4000:]
     assert "[round 1/" not in log
     assert not outputs.exists()
+
+
+@pytest.mark.e2e
+def test_dp_fedavg_run_writes_a_growing_epsilon_ledger(tmp_path: Path) -> None:
+    outputs = tmp_path / "outputs"
+    with simulation_superlink(tmp_path / "flwr-home", num_supernodes=4) as env:
+        result = flwr_run(
+            env,
+            "strategy='dp-fedavg' noise-multiplier=0.8 clipping-norm=1.0 fraction-train=0.5 "
+            f"num-server-rounds=2 min-evaluate-nodes=2 output-dir='{outputs}'",
+            timeout=400,
+        )
+    log = result.stdout + result.stderr
+    runs = list(outputs.glob("*")) if outputs.exists() else []
+    assert len(runs) == 1, log[-4000:]
+    rounds = json.loads((runs[0] / "metrics.json").read_text())["rounds"]
+    assert [r["round"] for r in rounds] == [0, 1, 2]
+    eps = [r["epsilon"] for r in rounds[1:]]
+    assert 0 < eps[0] < eps[1]
+    assert all(r["delta"] == 1e-5 and r["clipping-norm"] == 1.0 for r in rounds[1:])
+    assert all(r["noise-stddev"] == pytest.approx(0.8 * 1.0 / (0.5 * 4)) for r in rounds[1:])
+    assert "projected epsilon after 2 rounds" in log

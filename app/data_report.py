@@ -1,0 +1,64 @@
+"""What each client holds: one log line per client and a label-distribution plot."""
+
+from __future__ import annotations
+
+from logging import INFO
+from pathlib import Path
+
+import numpy as np
+
+from flwr.common.logger import log
+
+from data.federation import Federation
+
+
+def label_counts(federation: Federation) -> np.ndarray:
+    """``(clients, classes)`` matrix of label counts per client."""
+    labels = federation.train.y
+    return np.stack(
+        [np.bincount(labels[p], minlength=federation.train.num_classes) for p in federation.partitions]
+    )
+
+
+def log_client_summary(federation: Federation) -> None:
+    """One line per client: its sample count and label histogram."""
+    counts = label_counts(federation)
+    groups = federation.train.group_names
+    for client, row in enumerate(counts):
+        log(INFO, "client %d: %d samples, labels %s", client, int(row.sum()), row.tolist())
+    if groups and len(groups) == len(counts):
+        log(INFO, "clients are institutions: %s", ", ".join(groups))
+
+
+def plot_label_distribution(federation: Federation, path: Path) -> Path:
+    """Save a stacked bar chart of label counts per client as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    counts = label_counts(federation)
+    num_clients, num_classes = counts.shape
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.35 * num_clients + 2), 4.0))
+    bottom = np.zeros(num_clients)
+    colors = plt.get_cmap("tab10" if num_classes <= 10 else "tab20")
+    for label in range(num_classes):
+        ax.bar(range(num_clients), counts[:, label], bottom=bottom,
+               color=colors(label % colors.N), label=str(label))
+        bottom += counts[:, label]
+    names = federation.train.group_names
+    if names and len(names) == num_clients:
+        ax.set_xticks(range(num_clients), names, rotation=30, ha="right")
+        ax.set_xlabel("client (institution)")
+    else:
+        ax.set_xticks(range(num_clients))
+        ax.set_xlabel("client (partition id)")
+    ax.set_ylim(0, counts.sum(axis=1).max() * 1.05)
+    ax.set_ylabel("training samples")
+    ax.set_title(f"Label distribution per client: {federation.train.name}")
+    ax.legend(title="label", fontsize="small", ncol=2 if num_classes > 10 else 1,
+              bbox_to_anchor=(1.01, 1), loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
