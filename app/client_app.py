@@ -1,16 +1,33 @@
-"""The ClientApp: local training and evaluation on this node's part of the data."""
+"""The ClientApp: local training and evaluation on this node's part of the data.
+
+Only shared variables ever leave the node: the private ones (``private-layers``)
+stay in the node's state between rounds, and a guard refuses any reply that
+would carry anything else.
+"""
 
 from __future__ import annotations
 
-import numpy as np
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
-from flwr.clientapp import ClientApp
+from dataclasses import dataclass
+from functools import lru_cache
+from logging import INFO, WARNING
 
+import numpy as np
+from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.common.logger import log
+
+from clients.private_layers import (
+    PrivateWeightLeak,
+    guard_outgoing,
+    private_variable_paths,
+    split_weights,
+)
+from clients.training import ModelSpec, get_model, initial_weights, train_locally
 from clients.training import evaluate as evaluate_model
-from clients.training import get_model, train_locally
 from clients.weights import get_weights, set_weights
 from data.dataset import LabeledData
 from data.federation import load_client_data
+from data.tasks import apply_task, task_of
 from strategies.clipping import clip_to_reference
 from strategies.dp_fedavg import (
     CONFIG_CLIPPING_NORM,
@@ -21,13 +38,37 @@ from strategies.fedavg import to_arrayrecord, to_numpy
 from strategies.local_dp import privatize_arrays
 
 from .config import parse_run_config
+from .private_state import load_private, save_private
 from .task import federation_spec, model_spec
 
 app = ClientApp()
 
+# Error code of a reply refused by the private-weight guard.
+PRIVATE_WEIGHT_LEAK = 100
 
-def _local_data(context: Context) -> tuple[LabeledData, LabeledData, object]:
-    """This node's (train, validation) data and its model, from the node config.
+
+@dataclass(frozen=True)
+class LocalSetup:
+    """What a node works with: its data for its task, its model, the weight split."""
+
+    partition_id: int
+    task: str
+    train: LabeledData
+    val: LabeledData
+    spec: ModelSpec
+    private_paths: frozenset[str]
+    shared_paths: frozenset[str]
+
+
+@lru_cache(maxsize=16)
+def _private_paths(spec: ModelSpec, private_layers: str) -> tuple[frozenset[str], frozenset[str]]:
+    model = get_model(spec)
+    private = private_variable_paths(model, private_layers)
+    return private, frozenset(v.path for v in model.weights) - private
+
+
+def local_setup(context: Context) -> LocalSetup:
+    """This node's data, task and model, from the run config and the node config.
 
     In simulation Flower sets ``partition-id`` and ``num-partitions``; a
     deployed SuperNode gets them from ``--node-config``: one code path.
@@ -41,34 +82,40 @@ def _local_data(context: Context) -> tuple[LabeledData, LabeledData, object]:
             f"node config has no {missing}; start the SuperNode with "
             "--node-config \"partition-id=K num-partitions=N\""
         ) from None
-    spec = federation_spec(config, num_partitions)
-    train, val = load_client_data(spec, partition_id)
-    return train, val, get_model(model_spec(config, train))
+    train, val = load_client_data(federation_spec(config, num_partitions), partition_id)
+    task = task_of(partition_id, config.client_tasks)
+    train, val = apply_task(train, task), apply_task(val, task)
+    spec = model_spec(config, train)
+    private, shared = _private_paths(spec, config.private_layers)
+    return LocalSetup(partition_id, task, train, val, spec, private, shared)
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
-    """Train the received global model on the local data and send it back."""
-    train_data, _, model = _local_data(context)
-    global_arrays = to_numpy(msg.content["arrays"])
-    set_weights(model, global_arrays)
-    config = msg.content["config"]
-    loss = train_locally(
-        model,
-        train_data,
-        epochs=int(config["local-epochs"]),
-        batch_size=int(config["batch-size"]),
-        learning_rate=float(config["learning-rate"]),
-    )
-    content = RecordDict(
-        {
-            "arrays": to_arrayrecord(outgoing_arrays(get_weights(model), global_arrays, config)),
-            "metrics": MetricRecord(
-                {"train-loss": loss, "num-examples": len(train_data)}
-            ),
-        }
-    )
-    return Message(content=content, reply_to=msg)
+def private_part(context: Context, setup: LocalSetup) -> dict[str, np.ndarray]:
+    """The node's private weights, or the deterministic initial ones if it has none yet."""
+    _, initial = split_weights(initial_weights(setup.spec), setup.private_paths)
+    stored = load_private(context, initial) if initial else None
+    if stored is None and initial:
+        log(
+            INFO,
+            "Node %d (partition %d): no private weights yet; using the seeded initial ones",
+            context.node_id,
+            setup.partition_id,
+        )
+        return initial
+    return stored or {}
+
+
+def received_shared(msg: Message, setup: LocalSetup) -> dict[str, np.ndarray]:
+    """The global arrays, which must be exactly this model's shared variables."""
+    arrays = to_numpy(msg.content["arrays"])
+    if set(arrays) != setup.shared_paths:
+        raise ValueError(
+            "the server sent arrays "
+            f"{sorted(set(arrays) - setup.shared_paths)} that are not shared variables "
+            f"and lacks {sorted(setup.shared_paths - set(arrays))}; "
+            "do the server and the client agree on private-layers?"
+        )
+    return arrays
 
 
 def outgoing_arrays(
@@ -94,17 +141,58 @@ def outgoing_arrays(
     return local
 
 
-@app.evaluate()
-def evaluate(msg: Message, context: Context) -> Message:
-    """Evaluate the received global model on the local validation data."""
-    _, val_data, model = _local_data(context)
-    set_weights(model, to_numpy(msg.content["arrays"]))
-    loss, accuracy = evaluate_model(model, val_data)
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Train the received global model (with this node's private part) and send back the shared part."""
+    setup = local_setup(context)
+    model = get_model(setup.spec)
+    global_arrays = received_shared(msg, setup)
+    set_weights(model, {**global_arrays, **private_part(context, setup)})
+    config = msg.content["config"]
+    loss = train_locally(
+        model,
+        setup.train,
+        epochs=int(config["local-epochs"]),
+        batch_size=int(config["batch-size"]),
+        learning_rate=float(config["learning-rate"]),
+    )
+    shared, private = split_weights(get_weights(model), setup.private_paths)
+    if private:
+        save_private(context, private)
+    arrays = outgoing_arrays(shared, global_arrays, config)
+    try:
+        guard_outgoing(arrays, setup.shared_paths)
+    except PrivateWeightLeak as leak:
+        log(WARNING, "Node %d: %s", context.node_id, leak)
+        return Message(Error(code=PRIVATE_WEIGHT_LEAK, reason=str(leak)), reply_to=msg)
     content = RecordDict(
         {
-            "metrics": MetricRecord(
-                {"eval-loss": loss, "eval-accuracy": accuracy, "num-examples": len(val_data)}
-            )
+            "arrays": to_arrayrecord(arrays),
+            "metrics": MetricRecord({"train-loss": loss, "num-examples": len(setup.train)}),
         }
     )
     return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Evaluate the global model and this node's personalised model on local validation data.
+
+    ``eval-*``: the global shared weights with the seeded initial private part
+    (what a newcomer would get; the global model itself when nothing is
+    private). ``personalized-*``: the global shared weights with this node's
+    own private part.
+    """
+    setup = local_setup(context)
+    model = get_model(setup.spec)
+    global_arrays = received_shared(msg, setup)
+    _, initial = split_weights(initial_weights(setup.spec), setup.private_paths)
+    set_weights(model, {**global_arrays, **initial})
+    loss, accuracy = evaluate_model(model, setup.val)
+    metrics = {"eval-loss": loss, "eval-accuracy": accuracy}
+    if setup.private_paths:
+        set_weights(model, {**global_arrays, **private_part(context, setup)})
+        loss, accuracy = evaluate_model(model, setup.val)
+    metrics.update({"personalized-loss": loss, "personalized-accuracy": accuracy})
+    metrics["num-examples"] = len(setup.val)
+    return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

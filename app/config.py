@@ -13,6 +13,7 @@ from typing import Any
 
 from data.partition import PARTITIONERS
 from data.sources import SOURCES, is_known_dataset
+from data.tasks import TASKS
 
 
 class ConfigError(ValueError):
@@ -78,6 +79,17 @@ RULES: dict[str, Rule] = {
     "target-unclipped-quantile": _OPEN_UNIT,
     "clipping-learning-rate": _POSITIVE_FLOAT,
     "local-dp-epsilon": Rule(float, "a number >= 0 (0: off)", lambda v: v >= 0),
+    "private-layers": Rule(
+        str,
+        "'none', 'head', 'batchnorm', or comma-separated layer-name patterns",
+        lambda v: bool(v.strip()) and all(p.strip() for p in v.split(",")),
+    ),
+    "client-tasks": Rule(
+        str,
+        "comma-separated tasks from " + ", ".join(repr(t) for t in TASKS)
+        + " (client k takes the k-th in turn)",
+        lambda v: all(t.strip() in TASKS for t in v.split(",")),
+    ),
 }
 
 
@@ -116,6 +128,8 @@ class RunConfig:
     target_unclipped_quantile: float
     clipping_learning_rate: float
     local_dp_epsilon: float
+    private_layers: str
+    client_tasks: str
 
     def as_dict(self) -> dict[str, Any]:
         """The config with its kebab-case keys, as written to ``metrics.json``."""

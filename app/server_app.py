@@ -5,11 +5,13 @@ from __future__ import annotations
 import logging
 from logging import ERROR, INFO, WARNING
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
+from clients.private_layers import private_variable_paths, split_weights
 from clients.training import evaluate, get_model
 from clients.weights import get_weights, set_weights
 from data.federation import build_federation, load_server_split
@@ -21,6 +23,9 @@ from .config import ConfigError, RunConfig, parse_run_config
 from .data_report import log_client_summary, plot_label_distribution
 from .run_outputs import MetricsLog, create_run_dir, resolve_output_dir
 from .task import federation_spec, model_spec
+
+if TYPE_CHECKING:  # pragma: no cover
+    import keras
 
 app = ServerApp()
 
@@ -82,6 +87,9 @@ def round_entry(report: RoundReport, strategy: FedAvg | None = None) -> dict[str
     entry.update(report.train_metrics)
     for key, value in report.federated_metrics.items():
         entry[key.replace("eval-", "federated-")] = value
+    if "eval-accuracy" in report.federated_metrics:
+        # The global model's accuracy on the clients' validation data.
+        entry["global-accuracy"] = report.federated_metrics["eval-accuracy"]
     entry.update(report.central_metrics)
     if report.server_round > 0:
         entry["num-sampled"] = report.num_sampled
@@ -96,19 +104,24 @@ def round_entry(report: RoundReport, strategy: FedAvg | None = None) -> dict[str
 def log_round(report: RoundReport, privacy: dict[str, float] | None = None) -> None:
     """The one progress line per round (with epsilon under DP)."""
     central = report.central_metrics
+    personalized = ""
+    federated = report.federated_metrics
+    if "personalized-accuracy" in federated and federated.get("personalized-accuracy") != federated.get("eval-accuracy"):
+        personalized = f" (personalized {federated['personalized-accuracy']:.4f})"
     epsilon = ""
     if privacy and report.server_round > 0 and "epsilon" in privacy:
         epsilon = f" | epsilon {privacy['epsilon']:.3f}"
     log(
         INFO,
-        "[round %d/%d] train-loss %s | central accuracy %.4f loss %.4f | "
-        "federated accuracy %s | %d/%d replies%s | %.1f s",
+        "[round %d/%d] train-loss %s | central accuracy %s loss %s | "
+        "federated accuracy %s%s | %d/%d replies%s | %.1f s",
         report.server_round,
         report.num_rounds,
         _fmt(report.train_metrics.get("train-loss")),
-        central.get("central-accuracy", float("nan")),
-        central.get("central-loss", float("nan")),
+        _fmt(central.get("central-accuracy")),
+        _fmt(central.get("central-loss")),
         _fmt(report.federated_metrics.get("eval-accuracy")),
+        personalized,
         report.num_accepted,
         report.num_sampled,
         epsilon,
@@ -129,15 +142,33 @@ def main(grid: Grid, context: Context) -> None:
     try:
         config = parse_run_config(context.run_config)
         strategy = build_strategy(config)
+        evaluator = CentralEvaluator(config)
+        private_paths = check_private_layers(config, evaluator.model)
     except ConfigError as error:
         log(ERROR, "Invalid run config: %s", error)
         raise
     run_dir = create_run_dir(resolve_output_dir(config.output_dir), context.run_id)
     log(INFO, "Run %s: outputs in %s", context.run_id, run_dir)
 
-    evaluator = CentralEvaluator(config)
     report_federation(grid, config, run_dir)
-    initial = to_arrayrecord(get_weights(evaluator.model))
+    # The server holds, and sends, only the shared variables.
+    shared, _ = split_weights(get_weights(evaluator.model), private_paths)
+    initial = to_arrayrecord(shared)
+    central = evaluator
+    if private_paths & head_paths(evaluator.model):
+        central = None
+        log(
+            INFO,
+            "Central evaluation is off: the classifier head is private, so the server "
+            "has no complete model; see personalized-accuracy from the clients",
+        )
+    elif private_paths:
+        log(
+            INFO,
+            "Central evaluation uses the shared weights with the seeded initial "
+            "values of the %d private variables",
+            len(private_paths),
+        )
     metrics_log = MetricsLog(run_dir / "metrics.json", config.as_dict())
 
     result = strategy.start(
@@ -153,7 +184,7 @@ def main(grid: Grid, context: Context) -> None:
             }
         ),
         evaluate_config=ConfigRecord({"batch-size": config.batch_size}),
-        evaluate_fn=evaluator,
+        evaluate_fn=central,
         on_round_end=[
             lambda report: log_round(report, getattr(strategy, "last_round_privacy", None)),
             lambda report: metrics_log.append(round_entry(report, strategy)),
@@ -175,6 +206,31 @@ def main(grid: Grid, context: Context) -> None:
     log(INFO, "Run %s finished: model and metrics in %s", context.run_id, run_dir)
 
 
+def head_paths(model: keras.Model) -> frozenset[str]:
+    """Variable paths of the classifier head."""
+    return private_variable_paths(model, "head")
+
+
+def check_private_layers(config: RunConfig, model: keras.Model) -> frozenset[str]:
+    """The private variable paths, or a ConfigError before round 1.
+
+    Clients with different tasks have heads of different sizes; that only
+    works when the head is private (each client keeps its own).
+    """
+    try:
+        private = private_variable_paths(model, config.private_layers)
+    except ValueError as error:
+        raise ConfigError(f"run config 'private-layers': {error}") from error
+    tasks = {task.strip() for task in config.client_tasks.split(",")}
+    if len(tasks) > 1 and not head_paths(model) <= private:
+        raise ConfigError(
+            f"run config 'client-tasks' = {config.client_tasks!r} gives clients "
+            "different label spaces; that needs a private head "
+            "(private-layers='head' or a pattern matching 'head')"
+        )
+    return private
+
+
 def report_federation(grid: Grid, config: RunConfig, run_dir: Path) -> None:
     """Log what each client holds and plot it, before round 1.
 
@@ -191,6 +247,10 @@ def report_federation(grid: Grid, config: RunConfig, run_dir: Path) -> None:
 
 
 def save_model(evaluator: CentralEvaluator, arrays: ArrayRecord, path: Path) -> None:
-    """Save the final global model as a Keras file (``keras.saving.load_model`` reads it)."""
+    """Save the final global model as a Keras file (``keras.saving.load_model`` reads it).
+
+    Private variables keep their seeded initial values: each client's
+    personalised part never reaches the server.
+    """
     set_weights(evaluator.model, to_numpy(arrays))
     evaluator.model.save(path)

@@ -14,7 +14,10 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from .models import build_model
+from .weights import get_weights
 
 if TYPE_CHECKING:  # pragma: no cover
     import keras
@@ -33,6 +36,13 @@ class ModelSpec:
 
 
 _MODELS: dict[ModelSpec, keras.Model] = {}
+_INITIAL_WEIGHTS: dict[ModelSpec, dict[str, np.ndarray]] = {}
+
+
+def initial_weights(spec: ModelSpec) -> dict[str, np.ndarray]:
+    """The seeded initial weights of ``spec``'s model (the same in every process)."""
+    get_model(spec)
+    return _INITIAL_WEIGHTS[spec]
 
 
 def get_model(spec: ModelSpec) -> keras.Model:
@@ -50,6 +60,7 @@ def get_model(spec: ModelSpec) -> keras.Model:
             metrics=["accuracy"],
         )
         _MODELS[spec] = model
+        _INITIAL_WEIGHTS[spec] = get_weights(model)
     return model
 
 

@@ -26,7 +26,11 @@ Each round:
 4. Gaussian noise of stddev ``z C / m`` is added to the mean
    (``z_Delta C / m`` with adaptive clipping, ``C`` being the norm this round
    clipped with), and the global model moves by ``server-learning-rate`` times
-   the noised mean.
+   the noised mean; or, with a ``server_optimizer`` (FedAvgM, FedAdam,
+   FedYogi of :mod:`strategies.server_optimizers`), the optimiser steps along
+   the pseudo-gradient ``-(noised mean)`` instead. Either is post-processing
+   of the noised mean, so it costs no privacy; so is ``server_update_fn``
+   (e.g. fine-tuning on public server data), applied after it.
 5. With adaptive clipping the noised unclipped fraction moves ``C`` for the
    next round; then the round's DP event is composed into the
    :class:`~strategies.accounting.PrivacyLedger`.
@@ -83,9 +87,10 @@ from .clipping import (
     l2_norm,
     model_update,
 )
-from .fedavg import EvaluateFn, FedAvg, RoundListener, to_arrayrecord
+from .fedavg import EvaluateFn, FedAvg, RoundListener, ServerUpdateFn, to_arrayrecord
 from .local_dp import local_dp_noise_stddev
 from .sampling import sample_without_replacement, wait_for_nodes
+from .server_optimizers import ServerOptimizer
 from .validation import TrainReply
 
 ClippingMode = Literal["fixed", "adaptive"]
@@ -202,7 +207,9 @@ class DPFedAvg(FedAvg):
         Who clips. With "client" the server sends ``clipping-norm`` in the train
         config and rejects updates with norm above ``C (1 + 1e-6)``.
     server_learning_rate : float (default: 1.0)
-        ``eta_s``: the global model moves by ``eta_s`` times the noised mean update.
+        ``eta_s``: the global model moves by ``eta_s`` times the noised mean
+        update. Not used when ``server_optimizer`` is given (the optimiser's
+        own learning rate applies).
     client_sampling : {"poisson", "fixed"} (default: "poisson")
         Poisson sampling with ``q = fraction_train`` (add/remove-one DP) or
         exactly ``round(q N)`` nodes (replace-one DP).
@@ -227,6 +234,14 @@ class DPFedAvg(FedAvg):
         Per-round delta of local DP; defaults to ``target_delta``.
     compute_pld : bool (default: True)
         Also report ``epsilon-pld`` (Poisson sampling only).
+    server_optimizer : ServerOptimizer | None (default: None)
+        Server optimiser applied to the noised mean update (as the
+        pseudo-gradient ``-mean``) instead of the ``server_learning_rate``
+        step; post-processing, no privacy cost (Reddi et al. 2021,
+        https://arxiv.org/abs/2003.00295).
+    server_update_fn : ServerUpdateFn | None (default: None)
+        As in :class:`~strategies.fedavg.FedAvg`, applied to the released
+        (post-noise) model; it must use only public data for the guarantee to hold.
     fraction_train, fraction_evaluate, min_train_nodes, min_evaluate_nodes, node_wait_timeout, seed
         As in :class:`~strategies.fedavg.FedAvg`. ``fraction_train`` is ``q``;
         ``min_train_nodes`` is how many nodes must be connected before a round
@@ -264,6 +279,8 @@ class DPFedAvg(FedAvg):
         min_evaluate_nodes: int = 2,
         node_wait_timeout: float = 120.0,
         seed: int = 0,
+        server_optimizer: ServerOptimizer | None = None,
+        server_update_fn: ServerUpdateFn | None = None,
     ) -> None:
         super().__init__(
             fraction_train=fraction_train,
@@ -272,6 +289,8 @@ class DPFedAvg(FedAvg):
             min_evaluate_nodes=min_evaluate_nodes,
             node_wait_timeout=node_wait_timeout,
             seed=seed,
+            server_optimizer=server_optimizer,
+            server_update_fn=server_update_fn,
         )
         if not math.isfinite(noise_multiplier) or noise_multiplier < 0:
             raise ValueError(f"noise-multiplier must be finite and >= 0, got {noise_multiplier}")
@@ -492,6 +511,8 @@ class DPFedAvg(FedAvg):
             return None, None
         accepted = self.accept_train_replies(server_round, replies)
         arrays = self.aggregate_arrays(server_round, accepted)
+        if self.server_update_fn is not None:
+            arrays = self.server_update_fn(server_round, arrays)
         metrics = (
             weighted_metrics(
                 [reply.metrics for reply in accepted],
@@ -551,7 +572,10 @@ class DPFedAvg(FedAvg):
     def aggregate_arrays(
         self, server_round: int, replies: list[TrainReply]
     ) -> dict[str, np.ndarray]:
-        """New global arrays: ``x + eta_s (sum_k clip(Delta_k) / m + N(0, (z C / m)^2))``."""
+        """New global arrays: ``x + eta_s (sum_k clip(Delta_k) / m + N(0, (z C / m)^2))``.
+
+        With a server optimiser: ``opt.step(x, x + noised mean)`` instead.
+        """
         plan = self._plan
         if plan is None:
             raise RuntimeError("aggregate_arrays needs a planned round (configure_train)")
@@ -559,7 +583,16 @@ class DPFedAvg(FedAvg):
         self.last_num_rejected += contributions.rejected
         stddev = noise_stddev(plan.update_noise_multiplier, plan.clipping_norm, plan.denominator)
         mean = noised_mean_update(contributions.total, plan.denominator, stddev, self.noise_rng)
-        arrays = apply_update(self._sent_arrays, mean, self.server_learning_rate)
+        if self.server_optimizer is None:
+            arrays = apply_update(self._sent_arrays, mean, self.server_learning_rate)
+        else:
+            # Post-processing of the noised mean: x_t + mean is the "averaged"
+            # model the optimiser's pseudo-gradient is taken against.
+            averaged = {
+                key: np.asarray(ref, dtype=np.float64) + mean[key]
+                for key, ref in self._sent_arrays.items()
+            }
+            arrays = self.server_optimizer.step(self._sent_arrays, averaged)
 
         privacy: dict[str, float] = {
             "clipping-norm": plan.clipping_norm,

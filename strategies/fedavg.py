@@ -25,6 +25,7 @@ from flwr.serverapp.strategy import Result, Strategy
 
 from .aggregation import weighted_mean, weighted_metrics
 from .sampling import sample_size, sample_without_replacement, wait_for_nodes
+from .server_optimizers import ServerOptimizer
 from .validation import (
     ArraySpec,
     EvaluateReply,
@@ -36,6 +37,9 @@ from .validation import (
 )
 
 EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
+#: ``(server_round, arrays) -> arrays``: a server-side step after aggregation
+#: (e.g. fine-tuning on the server's public data, :mod:`clients.server_training`).
+ServerUpdateFn = Callable[[int, dict[str, np.ndarray]], dict[str, np.ndarray]]
 
 
 @dataclass
@@ -97,6 +101,16 @@ class FedAvg(Strategy):
         Seconds to wait for enough nodes to connect before ending the run.
     seed : int (default: 0)
         Seed of the node sampler.
+    server_optimizer : ServerOptimizer | None (default: None)
+        A server optimiser (:mod:`strategies.server_optimizers`; FedAvgM,
+        FedAdam, FedYogi of Reddi et al. 2021, https://arxiv.org/abs/2003.00295)
+        applied to the aggregate relative to the arrays sent this round:
+        ``x_{t+1} = opt.step(x_t, aggregate)``. ``None`` keeps the aggregate.
+    server_update_fn : ServerUpdateFn | None (default: None)
+        Called as ``server_update_fn(server_round, arrays)`` on the new global
+        arrays after aggregation and the server optimiser, before central
+        evaluation; its result is the new global model (server-side training
+        on the server's own data). ``None`` skips it.
     """
 
     # pylint: disable=too-many-arguments
@@ -109,6 +123,8 @@ class FedAvg(Strategy):
         min_evaluate_nodes: int = 2,
         node_wait_timeout: float = 120.0,
         seed: int = 0,
+        server_optimizer: ServerOptimizer | None = None,
+        server_update_fn: ServerUpdateFn | None = None,
     ) -> None:
         self.fraction_train = fraction_train
         self.fraction_evaluate = fraction_evaluate
@@ -121,6 +137,8 @@ class FedAvg(Strategy):
         self.last_num_sampled = 0
         self.last_num_rejected = 0
         self.stop_reason: str | None = None
+        self.server_optimizer = server_optimizer
+        self.server_update_fn = server_update_fn
 
     def summary(self) -> None:
         """Log the strategy's settings."""
@@ -135,6 +153,15 @@ class FedAvg(Strategy):
             self.min_evaluate_nodes,
             self.node_wait_timeout,
         )
+        if self.server_optimizer is not None:
+            log(INFO, "%s: server optimiser %r", self.__class__.__name__, self.server_optimizer)
+        if self.server_update_fn is not None:
+            log(
+                INFO,
+                "%s: server-side update after aggregation: %r",
+                self.__class__.__name__,
+                self.server_update_fn,
+            )
 
     def should_stop(self, server_round: int, grid: Grid | None = None) -> str | None:
         """Why round ``server_round`` must not start, or ``None`` to run it.
@@ -206,10 +233,30 @@ class FedAvg(Strategy):
             [reply.num_examples for reply in replies],
         )
 
+    def server_step(
+        self, server_round: int, arrays: dict[str, np.ndarray]
+    ) -> dict[str, np.ndarray]:
+        """The server's own step on the aggregate: optimiser, then ``server_update_fn``.
+
+        ``arrays`` is what :meth:`aggregate_arrays` returned; the optimiser
+        takes the pseudo-gradient ``x_t - arrays`` with ``x_t`` the arrays
+        sent this round. Without an optimiser and an update function the
+        aggregate is returned as it is.
+        """
+        if self.server_optimizer is not None:
+            arrays = self.server_optimizer.step(self._sent_arrays, arrays)
+        if self.server_update_fn is not None:
+            arrays = self.server_update_fn(server_round, arrays)
+        return arrays
+
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Average the valid replies' arrays and metrics, weighted by num-examples."""
+        """Average the valid replies' arrays and metrics, weighted by num-examples.
+
+        The average then goes through :meth:`server_step` (server optimiser,
+        server-side update) when either is set.
+        """
         accepted = self.accept_train_replies(server_round, replies)
         if not accepted:
             log(
@@ -218,7 +265,7 @@ class FedAvg(Strategy):
                 server_round,
             )
             return None, None
-        arrays = self.aggregate_arrays(server_round, accepted)
+        arrays = self.server_step(server_round, self.aggregate_arrays(server_round, accepted))
         metrics = weighted_metrics(
             [reply.metrics for reply in accepted],
             [reply.num_examples for reply in accepted],

@@ -1,0 +1,652 @@
+"""DP-SGD for Keras 3 models: per-example clipping, Gaussian noise, Poisson batches.
+
+One DP-SGD step (Abadi et al. 2016, "Deep Learning with Differential
+Privacy", Alg. 1) on a Poisson-sampled batch ``S``:
+
+.. math::
+
+    \\theta \\leftarrow \\theta - \\frac{\\eta}{q n}\\Big(\\sum_{i \\in S}
+    g_i \\min\\big(1, C / \\lVert g_i \\rVert\\big) + \\mathcal N(0, z^2 C^2 I)\\Big)
+
+where ``g_i`` is example ``i``'s gradient over *all* trainable variables.
+tensorflow-privacy's DP optimizers subclass Keras-2 optimizers and fail under
+Keras 3 (shared/design/STACK.md), so the step is implemented here on plain TF
+ops and updates the compiled model's own variables.
+
+Per-example gradient norms, two ways:
+
+``"ghost"`` (the fast path, for ``keras.Sequential`` models)
+    One forward pass records each layer's input ``a`` and pre-activation
+    output ``s``; one backward pass of the summed loss gives every
+    ``dL_i/ds_i`` (example ``i``'s loss depends only on its own row).
+    For a ``Dense`` layer on flat inputs the per-example kernel gradient is
+    the outer product ``a_i g_i^T``, whose norm is ``|a_i| |g_i|``
+    (Goodfellow 2015, "Efficient Per-Example Gradient Computations"). For a
+    ``Conv2D`` (or a ``Dense`` on sequences) the gradient is ``U_i^T g_i`` with
+    ``U_i`` the unfolded input patches (``tf.image.extract_patches``); its norm
+    is taken from the ``T x T`` Gram matrices, ``<U_i U_i^T, g_i g_i^T>``
+    (ghost norm, Li et al. 2022, "Large Language Models Can Be Strong
+    Differentially Private Learners"), or from ``U_i^T g_i`` itself, whichever
+    costs fewer flops (``T^2 (p + o)`` vs ``T p o``). The clipped sum is then
+    formed from the same ``a`` and ``g`` with the clip factors folded into
+    ``g`` (book-keeping, Bu et al. 2023, "Differentially Private Optimization
+    on Large Model at Small Cost"), so there is no second backward pass.
+    Other trainable layers fall back to per-example gradients of that layer
+    alone (``tf.vectorized_map`` of the layer's vector-Jacobian product);
+    layers without weights (pooling, flatten, dropout) are just run.
+``"vectorized"``
+    Per-example gradients of the whole model with ``tf.vectorized_map``
+    (the approach of tensorflow-privacy's vectorized optimizers); any model.
+
+Batch-norm style layers mix examples and cannot be made per-example private;
+they are rejected.
+
+Batches are Poisson-sampled (each example joins each step with probability
+``q = B / n``), the assumption of the accountant in
+:mod:`clients.sample_privacy`; the noisy sum is divided by the *expected*
+batch size ``q n``. The step is a ``tf.function`` whose batch dimension is
+``None``, so variable batch sizes do not retrace it (one trace per model).
+
+Noise comes from a ``tf.random.Generator`` (Philox), seeded for tests or from
+OS entropy otherwise, as in tensorflow-privacy's queries; a floating-point
+Gaussian sampler is not hardened against the attacks of Mironov (2012).
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from logging import INFO
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+from flwr.common.logger import log
+
+from .sample_privacy import expected_batch_size, num_steps, sampling_rate
+
+if TYPE_CHECKING:  # pragma: no cover
+    import keras
+    import tensorflow as tf
+
+    from data.dataset import LabeledData
+
+Method = Literal["auto", "ghost", "vectorized"]
+METHODS: tuple[str, ...] = ("auto", "ghost", "vectorized")
+LossFn = Callable[["tf.Tensor", "tf.Tensor"], "tf.Tensor"]
+
+# Layers that mix the examples of a batch: no per-example gradient exists.
+_BATCH_MIXING = ("BatchNormalization", "SyncBatchNormalization", "GroupNormalization")
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+def poisson_batches(
+    num_examples: int, batch_size: int, steps: int, rng: np.random.Generator
+) -> Iterator[np.ndarray]:
+    """Index arrays of ``steps`` Poisson-sampled batches.
+
+    Each example is in each batch independently with probability
+    ``q = min(1, batch_size / num_examples)``; batch sizes vary (and may be 0),
+    which is what the ``PoissonSampledDpEvent`` accounting assumes.
+    """
+    q = sampling_rate(num_examples, batch_size)
+    for _ in range(steps):
+        yield np.flatnonzero(rng.random(num_examples) < q)
+
+
+# --------------------------------------------------------------------------- model analysis
+
+
+def default_loss_fn(model: keras.Model) -> LossFn:
+    """Per-example sparse categorical cross-entropy, on probabilities or logits.
+
+    The project's models end in a softmax; a last layer without one is taken
+    to output logits.
+    """
+    import keras
+
+    last = model.layers[-1]
+    from_logits = getattr(last, "activation", None) is not keras.activations.softmax
+
+    def loss_fn(y: tf.Tensor, out: tf.Tensor) -> tf.Tensor:
+        return keras.losses.sparse_categorical_crossentropy(y, out, from_logits=from_logits)
+
+    return loss_fn
+
+
+def _layer_kind(layer: keras.layers.Layer) -> str:
+    """``dense`` / ``conv2d`` (fast path), ``plain`` (no weights) or ``fallback``."""
+    import keras
+
+    if type(layer).__name__ in _BATCH_MIXING:
+        raise ValueError(
+            f"layer {layer.name!r} ({type(layer).__name__}) mixes examples; "
+            "DP-SGD needs per-example gradients (use LayerNormalization instead)"
+        )
+    if not layer.trainable_variables:
+        return "plain"
+    plain_float = (
+        layer.compute_dtype == "float32"
+        and getattr(layer, "quantization_mode", None) is None
+        and not getattr(layer, "lora_enabled", False)
+    )
+    if type(layer) is keras.layers.Dense and plain_float:
+        return "dense"
+    if (
+        type(layer) is keras.layers.Conv2D
+        and plain_float
+        and layer.groups == 1
+        and layer.data_format == "channels_last"
+        and layer.padding in ("same", "valid")
+    ):
+        return "conv2d"
+    return "fallback"
+
+
+def layer_plan(model: keras.Model) -> list[tuple[keras.layers.Layer, str]]:
+    """Each layer of a Sequential model with how its gradient norms are taken."""
+    return [(layer, _layer_kind(layer)) for layer in model.layers]
+
+
+def resolve_method(model: keras.Model, method: Method) -> str:
+    """``auto`` -> ``ghost`` for ``keras.Sequential`` models, else ``vectorized``."""
+    import keras
+
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    for layer in model._flatten_layers(include_self=False):
+        if type(layer).__name__ in _BATCH_MIXING:
+            _layer_kind(layer)  # raises
+    sequential = isinstance(model, keras.Sequential)
+    if method == "ghost" and not sequential:
+        raise ValueError("the ghost-norm path needs a keras.Sequential model")
+    if method == "auto":
+        return "ghost" if sequential else "vectorized"
+    return method
+
+
+# --------------------------------------------------------------------------- per-layer pieces (TF)
+
+
+def _unfold(layer: keras.layers.Layer, a: tf.Tensor) -> tf.Tensor:
+    """Conv2D input patches, ``(B, T, kh*kw*c_in)``, in the kernel's layout."""
+    import tensorflow as tf
+
+    kh, kw = layer.kernel_size
+    sh, sw = layer.strides
+    dh, dw = layer.dilation_rate
+    patches = tf.image.extract_patches(
+        a,
+        sizes=[1, kh, kw, 1],
+        strides=[1, sh, sw, 1],
+        rates=[1, dh, dw, 1],
+        padding=layer.padding.upper(),
+    )
+    return tf.reshape(patches, [tf.shape(a)[0], -1, kh * kw * a.shape[-1]])
+
+
+def _pre_activation(layer: keras.layers.Layer, a: tf.Tensor) -> tf.Tensor:
+    """``s = a W + b`` (Dense) or ``conv(a, W) + b`` (Conv2D), as Keras computes it."""
+    import tensorflow as tf
+
+    kernel = layer.kernel.value
+    if isinstance(layer, _dense_type()):
+        if a.shape.rank == 2:
+            s = tf.matmul(a, kernel)
+        else:
+            s = tf.tensordot(a, kernel, axes=[[a.shape.rank - 1], [0]])
+    else:
+        sh, sw = layer.strides
+        dh, dw = layer.dilation_rate
+        s = tf.nn.conv2d(
+            a, kernel, strides=[1, sh, sw, 1], padding=layer.padding.upper(),
+            dilations=[1, dh, dw, 1],
+        )
+    if layer.bias is not None:
+        s = s + layer.bias.value
+    return s
+
+
+def _dense_type() -> type:
+    import keras
+
+    return keras.layers.Dense
+
+
+@dataclass
+class _Record:
+    """What the forward pass keeps of one trainable layer."""
+
+    layer: keras.layers.Layer
+    kind: str
+    inputs: tf.Tensor
+    outputs: tf.Tensor  # pre-activation for dense/conv2d, the layer output for fallback
+
+
+class _LayerGrads:
+    """Per-example squared norms and clipped sums of one layer's gradients.
+
+    Built from the layer's input ``a`` and the per-example output gradient
+    ``g``; ``sq_norms`` is ``(B,)``, ``clipped_sum(c)`` returns the layer's
+    variables' gradients of ``sum_i c_i L_i``.
+    """
+
+    def __init__(self, record: _Record, g: tf.Tensor) -> None:
+        import tensorflow as tf
+
+        self.record = record
+        layer = record.layer
+        self.variables = list(layer.trainable_variables)
+        a = record.inputs
+        self._bias = layer.bias is not None if record.kind != "fallback" else False
+        if record.kind == "fallback":
+            self._per_example = _fallback_per_example(layer, a, g)
+            self.sq_norms = tf.add_n(
+                [tf.reduce_sum(tf.reshape(t * t, [tf.shape(t)[0], -1]), 1)
+                 for t in self._per_example]
+            )
+            return
+        batch = tf.shape(a)[0]
+        if record.kind == "dense" and a.shape.rank == 2:
+            self._mode = "outer"
+            self._a, self._g = a, g
+            sq_kernel = tf.reduce_sum(a * a, 1) * tf.reduce_sum(g * g, 1)
+            sq_bias = tf.reduce_sum(g * g, 1)
+        else:
+            u = _unfold(layer, a) if record.kind == "conv2d" else tf.reshape(
+                a, [batch, -1, a.shape[-1]]
+            )
+            g3 = tf.reshape(g, [batch, -1, g.shape[-1]])
+            steps_t = u.shape[1]
+            p, o = u.shape[2], g3.shape[2]
+            ghost = steps_t is not None and steps_t * (p + o) < p * o
+            if ghost:  # <U U^T, g g^T>: T x T Gram matrices (Li et al. 2022)
+                self._mode = "flat"
+                sq_kernel = tf.reduce_sum(
+                    tf.matmul(u, u, transpose_b=True) * tf.matmul(g3, g3, transpose_b=True),
+                    [1, 2],
+                )
+                self._u, self._g = u, g3
+            else:  # U_i^T g_i per example: (B, p, o)
+                self._mode = "per-example"
+                self._kernel_grads = tf.matmul(u, g3, transpose_a=True)
+                sq_kernel = tf.reduce_sum(tf.square(self._kernel_grads), [1, 2])
+                self._g = g3
+            self._bias_grads = tf.reduce_sum(g3, 1)
+            sq_bias = tf.reduce_sum(tf.square(self._bias_grads), 1)
+        self.sq_norms = sq_kernel + sq_bias if self._bias else sq_kernel
+
+    def clipped_sum(self, c: tf.Tensor) -> list[tf.Tensor]:
+        """Gradients of ``sum_i c_i L_i`` for this layer's variables, in order."""
+        import tensorflow as tf
+
+        if self.record.kind == "fallback":
+            return [tf.tensordot(c, t, 1) for t in self._per_example]
+        kernel_shape = self.record.layer.kernel.shape
+        if self._mode == "outer":
+            cg = tf.math.multiply_no_nan(self._g, c[:, None])
+            kernel = tf.matmul(self._a, cg, transpose_a=True)
+            bias = tf.reduce_sum(cg, 0)
+        elif self._mode == "flat":
+            cg = tf.math.multiply_no_nan(self._g, c[:, None, None])
+            p, o = self._u.shape[2], cg.shape[2]
+            kernel = tf.matmul(
+                tf.reshape(self._u, [-1, p]), tf.reshape(cg, [-1, o]), transpose_a=True
+            )
+            bias = tf.reduce_sum(cg, [0, 1])
+        else:
+            kernel = tf.tensordot(c, self._kernel_grads, 1)
+            bias = tf.tensordot(c, self._bias_grads, 1)
+        grads = [tf.reshape(kernel, kernel_shape)]
+        if self._bias:
+            grads.append(bias)
+        return grads
+
+
+def _fallback_per_example(
+    layer: keras.layers.Layer, a: tf.Tensor, g: tf.Tensor
+) -> list[tf.Tensor]:
+    """Per-example gradients of one layer's variables: vectorised VJPs."""
+    import tensorflow as tf
+
+    variables = list(layer.trainable_variables)
+
+    def one(args: tuple[tf.Tensor, tf.Tensor]) -> list[tf.Tensor]:
+        ai, gi = args
+        with tf.GradientTape() as tape:
+            out = layer(ai[None], training=True)
+        return tape.gradient(out, variables, output_gradients=gi[None])
+
+    return tf.vectorized_map(one, (a, g))
+
+
+# --------------------------------------------------------------------------- the trainer
+
+
+class DPSGDTrainer:
+    """DP-SGD steps on a compiled Keras 3 model, traced once per model.
+
+    Parameters
+    ----------
+    model : keras.Model
+        The model whose trainable variables are updated in place.
+    method : {"auto", "ghost", "vectorized"}
+        How per-example gradient norms are computed (module docstring).
+    loss_fn : callable, optional
+        ``loss_fn(y, out) -> (B,)`` per-example losses; default
+        :func:`default_loss_fn`.
+    seed : int, optional
+        Seed of the noise generator; OS entropy when ``None``.
+
+    Notes
+    -----
+    ``clipping_norm``, ``noise_multiplier``, the learning rate and the
+    denominator are passed to the traced step as tensors, so changing them
+    between calls does not retrace.
+    """
+
+    def __init__(
+        self,
+        model: keras.Model,
+        *,
+        method: Method = "auto",
+        loss_fn: LossFn | None = None,
+        seed: int | None = None,
+    ) -> None:
+        import tensorflow as tf
+
+        self.model = model
+        self.method = resolve_method(model, method)
+        self.loss_fn = loss_fn or default_loss_fn(model)
+        self.variables = list(model.trainable_variables)
+        self.plan = layer_plan(model) if self.method == "ghost" else []
+        self.traces = 0
+        self.set_seed(seed)
+        x_spec = tf.TensorSpec([None, *model.input_shape[1:]], tf.float32)
+        y_spec = tf.TensorSpec([None], tf.int64)
+        scalar = tf.TensorSpec([], tf.float32)
+        self._sum_fn = tf.function(
+            self._clipped_sum_and_loss, input_signature=[x_spec, y_spec, scalar]
+        )
+        self._step_fn = tf.function(
+            self._step, input_signature=[x_spec, y_spec, scalar, scalar, scalar, scalar]
+        )
+        self._noise_fn = tf.function(
+            self._noise_only, input_signature=[scalar, scalar, scalar, scalar]
+        )
+        if self.method == "ghost":
+            fallback = [layer.name for layer, kind in self.plan if kind == "fallback"]
+            if fallback:
+                log(INFO, "DP-SGD: per-example fallback for layers %s", fallback)
+
+    def set_seed(self, seed: int | None) -> None:
+        """Reseed the noise generator (``None``: OS entropy)."""
+        import tensorflow as tf
+
+        self._rng = (
+            tf.random.Generator.from_non_deterministic_state()
+            if seed is None
+            else tf.random.Generator.from_seed(seed)
+        )
+
+    # ---- traced pieces
+
+    def _ghost(self, x: tf.Tensor, y: tf.Tensor, clip: tf.Tensor) -> tuple[list, tf.Tensor]:
+        import tensorflow as tf
+
+        records: list[_Record] = []
+        with tf.GradientTape() as tape:
+            h = x
+            for layer, kind in self.plan:
+                if kind in ("dense", "conv2d"):
+                    s = _pre_activation(layer, h)
+                    records.append(_Record(layer, kind, h, s))
+                    h = layer.activation(s) if layer.activation is not None else s
+                elif kind == "fallback":
+                    out = layer(h, training=True)
+                    records.append(_Record(layer, kind, h, out))
+                    h = out
+                else:
+                    h = layer(h, training=True)
+            losses = self.loss_fn(y, h)
+            total = tf.reduce_sum(losses)
+        outputs_grads = tape.gradient(total, [r.outputs for r in records])
+        pieces = [_LayerGrads(r, g) for r, g in zip(records, outputs_grads)]
+        norms = tf.sqrt(tf.add_n([p.sq_norms for p in pieces]))
+        c = _clip_factors(norms, clip)
+        grads: dict[int, tf.Tensor] = {}
+        for piece in pieces:
+            for variable, grad in zip(piece.variables, piece.clipped_sum(c)):
+                grads[id(variable)] = grad
+        return [grads[id(v)] for v in self.variables], losses
+
+    def _vectorized(self, x: tf.Tensor, y: tf.Tensor, clip: tf.Tensor) -> tuple[list, tf.Tensor]:
+        import tensorflow as tf
+
+        variables = self.variables
+
+        def one(args: tuple[tf.Tensor, tf.Tensor]) -> tuple[list[tf.Tensor], tf.Tensor]:
+            xi, yi = args
+            with tf.GradientTape() as tape:
+                loss = self.loss_fn(yi[None], self.model(xi[None], training=True))[0]
+            return tape.gradient(loss, variables), loss
+
+        per_example, losses = tf.vectorized_map(one, (x, y))
+        sq = tf.add_n(
+            [tf.reduce_sum(tf.reshape(t * t, [tf.shape(t)[0], -1]), 1) for t in per_example]
+        )
+        c = _clip_factors(tf.sqrt(sq), clip)
+        return [tf.tensordot(c, _zero_nonfinite(t), 1) for t in per_example], losses
+
+    def _clipped_sum_and_loss(
+        self, x: tf.Tensor, y: tf.Tensor, clip: tf.Tensor
+    ) -> tuple[list[tf.Tensor], tf.Tensor]:
+        self.traces += 1
+        if self.method == "ghost":
+            return self._ghost(x, y, clip)
+        return self._vectorized(x, y, clip)
+
+    def _apply(
+        self, sums: Sequence[tf.Tensor], clip: tf.Tensor, noise: tf.Tensor,
+        learning_rate: tf.Tensor, denominator: tf.Tensor,
+    ) -> None:
+        for variable, total in zip(self.variables, sums):
+            noisy = total + self._rng.normal(total.shape, stddev=noise * clip)
+            variable.assign_sub(learning_rate * noisy / denominator)
+
+    def _step(
+        self, x: tf.Tensor, y: tf.Tensor, clip: tf.Tensor, noise: tf.Tensor,
+        learning_rate: tf.Tensor, denominator: tf.Tensor,
+    ) -> tf.Tensor:
+        sums, losses = self._clipped_sum_and_loss(x, y, clip)
+        self._apply(sums, clip, noise, learning_rate, denominator)
+        import tensorflow as tf
+
+        return tf.reduce_sum(losses)
+
+    def _noise_only(
+        self, clip: tf.Tensor, noise: tf.Tensor, learning_rate: tf.Tensor,
+        denominator: tf.Tensor,
+    ) -> tf.Tensor:
+        import tensorflow as tf
+
+        self._apply([tf.zeros(v.shape) for v in self.variables], clip, noise,
+                    learning_rate, denominator)
+        return tf.constant(0.0)
+
+    # ---- public API
+
+    def clipped_gradient_sum(
+        self, x: np.ndarray, y: np.ndarray, clipping_norm: float
+    ) -> list[np.ndarray]:
+        """``sum_i clip(g_i, C)`` over the batch, one array per trainable variable."""
+        sums, _ = self._sum_fn(
+            np.asarray(x, np.float32), np.asarray(y, np.int64), np.float32(clipping_norm)
+        )
+        return [t.numpy() for t in sums]
+
+    def noisy_gradient_sum(
+        self, x: np.ndarray, y: np.ndarray, clipping_norm: float, noise_multiplier: float
+    ) -> list[np.ndarray]:
+        """:meth:`clipped_gradient_sum` plus ``N(0, (z C)^2)`` per coordinate."""
+        import tensorflow as tf
+
+        sums = self.clipped_gradient_sum(x, y, clipping_norm)
+        std = noise_multiplier * clipping_norm
+        return [s + self._rng.normal(s.shape, stddev=std, dtype=tf.float32).numpy() for s in sums]
+
+    def step(
+        self,
+        x: np.ndarray,
+        y: np.ndarray,
+        *,
+        clipping_norm: float,
+        noise_multiplier: float,
+        learning_rate: float,
+        denominator: float,
+    ) -> float:
+        """One DP-SGD update from batch ``(x, y)``; returns the batch's summed loss.
+
+        ``denominator`` is the expected batch size ``q n`` (not ``len(x)``).
+        An empty batch still takes the noise-only step the accountant counts.
+        """
+        if clipping_norm <= 0:
+            raise ValueError(f"clipping norm must be > 0, got {clipping_norm}")
+        if noise_multiplier < 0:
+            raise ValueError(f"noise multiplier must be >= 0, got {noise_multiplier}")
+        scalars = (
+            np.float32(clipping_norm), np.float32(noise_multiplier),
+            np.float32(learning_rate), np.float32(denominator),
+        )
+        if len(y) == 0:
+            return float(self._noise_fn(*scalars))
+        return float(
+            self._step_fn(np.asarray(x, np.float32), np.asarray(y, np.int64), *scalars)
+        )
+
+    def train(
+        self,
+        data: LabeledData,
+        *,
+        epochs: int,
+        batch_size: int,
+        learning_rate: float,
+        noise_multiplier: float,
+        clipping_norm: float,
+        rng: np.random.Generator,
+    ) -> DPSGDResult:
+        """``num_steps(n, B, epochs)`` Poisson-sampled DP-SGD steps on ``data``."""
+        n = len(data)
+        steps = num_steps(n, batch_size, epochs)
+        if steps == 0:
+            return DPSGDResult(loss=float("nan"), steps=0, num_examples=n)
+        denominator = expected_batch_size(n, batch_size)
+        window = max(1, steps // max(1, epochs))  # the last epoch's worth of steps
+        loss_sum, loss_count = 0.0, 0
+        for index, batch in enumerate(poisson_batches(n, batch_size, steps, rng)):
+            batch_loss = self.step(
+                data.x[batch], data.y[batch],
+                clipping_norm=clipping_norm, noise_multiplier=noise_multiplier,
+                learning_rate=learning_rate, denominator=denominator,
+            )
+            if index >= steps - window:
+                loss_sum += batch_loss
+                loss_count += len(batch)
+        loss = loss_sum / loss_count if loss_count else float("nan")
+        return DPSGDResult(loss=loss, steps=steps, num_examples=n)
+
+
+def _clip_factors(norms: tf.Tensor, clip: tf.Tensor) -> tf.Tensor:
+    """``min(1, C / |g_i|)``; 0 for a non-finite norm (that example is dropped)."""
+    import tensorflow as tf
+
+    factors = clip / tf.maximum(norms, clip)
+    return tf.where(tf.math.is_finite(norms), factors, tf.zeros_like(factors))
+
+
+def _zero_nonfinite(t: tf.Tensor) -> tf.Tensor:
+    import tensorflow as tf
+
+    return tf.where(tf.math.is_finite(t), t, tf.zeros_like(t))
+
+
+@dataclass(frozen=True)
+class DPSGDResult:
+    """Outcome of one local DP-SGD run.
+
+    Attributes
+    ----------
+    loss : float
+        Mean per-example training loss over the last epoch's worth of steps
+        (not privatised: a statistic of the private data).
+    steps : int
+        DP-SGD steps taken (equals :func:`clients.sample_privacy.num_steps`).
+    num_examples : int
+        ``n`` of the data trained on.
+    """
+
+    loss: float
+    steps: int
+    num_examples: int
+
+
+_TRAINERS: weakref.WeakKeyDictionary[keras.Model, dict[str, DPSGDTrainer]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def get_trainer(model: keras.Model, method: Method = "auto") -> DPSGDTrainer:
+    """This process's trainer for ``model`` (one trace per model and method)."""
+    per_model = _TRAINERS.setdefault(model, {})
+    trainer = per_model.get(method)
+    if trainer is None:
+        trainer = DPSGDTrainer(model, method=method)
+        per_model[method] = trainer
+    return trainer
+
+
+def dp_sgd_train(
+    model: keras.Model,
+    data: LabeledData,
+    *,
+    epochs: int,
+    batch_size: int,
+    learning_rate: float,
+    noise_multiplier: float,
+    clipping_norm: float,
+    rng: np.random.Generator | None = None,
+    method: Method = "auto",
+) -> DPSGDResult:
+    """Train ``model`` in place with DP-SGD; the drop-in for ``train_locally``.
+
+    Parameters
+    ----------
+    model : keras.Model
+        A built (compiled or not) Keras 3 model, e.g. from
+        :func:`clients.training.get_model`; its variables are updated.
+    data : LabeledData
+        The client's training data.
+    epochs, batch_size : int
+        Local epochs and *expected* batch size (Poisson sampling).
+    learning_rate : float
+        Plain SGD step size.
+    noise_multiplier, clipping_norm : float
+        ``z`` and ``C``: noise stddev ``z C`` on each batch sum.
+    rng : numpy.random.Generator, optional
+        Batch sampling; OS entropy when ``None``. Noise is drawn separately
+        from OS entropy.
+    method : {"auto", "ghost", "vectorized"}
+        Per-example gradient method.
+    """
+    trainer = get_trainer(model, method)
+    return trainer.train(
+        data,
+        epochs=epochs,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        noise_multiplier=noise_multiplier,
+        clipping_norm=clipping_norm,
+        rng=rng if rng is not None else np.random.default_rng(),
+    )
