@@ -84,6 +84,7 @@ RULES: dict[str, Rule] = {
         "'none', 'head', 'batchnorm', or comma-separated layer-name patterns",
         lambda v: bool(v.strip()) and all(p.strip() for p in v.split(",")),
     ),
+    "resume": Rule(str, "'' (a new run) or the folder of a run to continue"),
     "client-tasks": Rule(
         str,
         "comma-separated tasks from " + ", ".join(repr(t) for t in TASKS)
@@ -129,6 +130,7 @@ class RunConfig:
     clipping_learning_rate: float
     local_dp_epsilon: float
     private_layers: str
+    resume: str
     client_tasks: str
 
     def as_dict(self) -> dict[str, Any]:

@@ -29,15 +29,19 @@ from .progress import number  # noqa: E402  pylint: disable=wrong-import-positio
 
 Series = tuple[list[float], list[float]]
 
+# A series equal to one drawn before it (``global-accuracy`` is the federated
+# accuracy; ``personalized-*`` equals ``federated-*`` when no layer is private)
+# is not drawn again.
 ACCURACY_SERIES: tuple[tuple[str, str], ...] = (
-    ("central-accuracy", "central (server test set)"),
-    ("federated-accuracy", "federated (clients' validation data)"),
-    ("personalized-accuracy", "personalised (clients' local models)"),
-    ("global-accuracy", "global model on clients' data"),
+    ("central-accuracy", "central (global model, server test set)"),
+    ("federated-accuracy", "federated (global model, clients' validation data)"),
+    ("global-accuracy", "global model on clients' validation data"),
+    ("personalized-accuracy", "personalised (with each client's private layers)"),
 )
 LOSS_SERIES: tuple[tuple[str, str], ...] = (
-    ("central-loss", "central (server test set)"),
-    ("federated-loss", "federated (clients' validation data)"),
+    ("central-loss", "central (global model, server test set)"),
+    ("federated-loss", "federated (global model, clients' validation data)"),
+    ("personalized-loss", "personalised (with each client's private layers)"),
     ("train-loss", "client training (last local epoch)"),
 )
 DPI = 120
@@ -53,6 +57,18 @@ def series(rounds: Sequence[Mapping[str, Any]], key: str) -> Series:
             xs.append(float(entry.get("round", 0)))
             ys.append(value)
     return xs, ys
+
+
+def distinct_series(
+    rounds: Sequence[Mapping[str, Any]], keys: Sequence[tuple[str, str]]
+) -> list[tuple[str, Series]]:
+    """``(label, series)`` of each key with data, leaving out a series equal to an earlier one."""
+    drawn: list[tuple[str, Series]] = []
+    for key, label in keys:
+        xs_ys = series(rounds, key)
+        if xs_ys[0] and all(xs_ys != other for _, other in drawn):
+            drawn.append((label, xs_ys))
+    return drawn
 
 
 def _title(metrics: Mapping[str, Any], what: str) -> str:
@@ -76,9 +92,7 @@ def _line_plot(
     path: Path,
     ylim: tuple[float, float] | None = None,
 ) -> Path | None:
-    rounds = list(metrics.get("rounds", []))
-    drawn = [(label, series(rounds, key)) for key, label in keys]
-    drawn = [(label, s) for label, s in drawn if s[0]]
+    drawn = distinct_series(list(metrics.get("rounds", [])), keys)
     if not drawn:
         return None
     figure, axes = plt.subplots(figsize=(7, 4.5))
@@ -109,9 +123,7 @@ def plot_accuracy(metrics: Mapping[str, Any], path: Path) -> Path | None:
 
 def plot_loss(metrics: Mapping[str, Any], path: Path) -> Path | None:
     """Loss against round; ``None`` when the metrics hold no loss."""
-    return _line_plot(
-        metrics, LOSS_SERIES, "loss (cross-entropy)", "Loss per round", path
-    )
+    return _line_plot(metrics, LOSS_SERIES, "loss (cross-entropy)", "Loss per round", path)
 
 
 def plot_privacy(metrics: Mapping[str, Any], path: Path) -> Path | None:
@@ -133,14 +145,21 @@ def plot_privacy(metrics: Mapping[str, Any], path: Path) -> Path | None:
         points.insert(0, (0.0, acc, 0))
     delta = next((number(e.get("delta")) for e in reversed(rounds) if "delta" in e), None)
     figure, axes = plt.subplots(figsize=(7, 4.5))
-    xs, ys, labels = zip(*points)
+    xs, ys, _ = zip(*points, strict=True)
     axes.plot(xs, ys, marker="o", markersize=4, label="central accuracy (RDP epsilon)")
     pld = [(number(e.get("epsilon-pld")), number(e.get("central-accuracy"))) for e in rounds]
     pld = [(x, y) for x, y in pld if x is not None and y is not None]
     if pld:
-        px, py = zip(*pld)
-        axes.plot(px, py, linestyle="--", marker="x", markersize=4, alpha=0.7,
-                  label="same rounds, tighter PLD epsilon")
+        px, py = zip(*pld, strict=True)
+        axes.plot(
+            px,
+            py,
+            linestyle="--",
+            marker="x",
+            markersize=4,
+            alpha=0.7,
+            label="same rounds, tighter PLD epsilon",
+        )
     step = max(1, len(points) // 12)
     for x, y, r in points[::step]:
         axes.annotate(f"r{r}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
@@ -188,8 +207,12 @@ def plot_clipping(metrics: Mapping[str, Any], path: Path) -> Path | None:
             drawn = True
     quantile = number(config.get("target-unclipped-quantile"))
     if config.get("clipping") == "adaptive" and quantile is not None:
-        bottom.axhline(1.0 - quantile, color="grey", linestyle=":",
-                       label=f"target clipped fraction {1.0 - quantile:g}")
+        bottom.axhline(
+            1.0 - quantile,
+            color="grey",
+            linestyle=":",
+            label=f"target clipped fraction {1.0 - quantile:g}",
+        )
         drawn = True
     bottom.set_xlabel("round")
     bottom.set_ylabel("fraction of updates clipped")
@@ -199,8 +222,9 @@ def plot_clipping(metrics: Mapping[str, Any], path: Path) -> Path | None:
     if drawn:
         bottom.legend()
     else:
-        bottom.text(0.5, 0.5, "no clipped fraction recorded", ha="center",
-                    transform=bottom.transAxes)
+        bottom.text(
+            0.5, 0.5, "no clipped fraction recorded", ha="center", transform=bottom.transAxes
+        )
     return _save(figure, path)
 
 
@@ -248,9 +272,11 @@ def plot_comparison(
         return None
     figure, axes = plt.subplots(figsize=(7, 4.5))
     for name, (xs, ys) in drawn:
-        axes.plot(xs, ys, marker="o", markersize=3, label=name)
+        axes.plot(xs, ys, marker="o", markersize=3, label=_title(runs[name], name))
     axes.set_xlabel("round (0 = initial model)")
-    axes.set_ylabel(key.replace("-", " "))
+    axes.set_ylabel(
+        key.replace("-", " ") + (" (fraction correct)" if key.endswith("accuracy") else "")
+    )
     axes.set_title(f"{key.replace('-', ' ').capitalize()} per round, {len(drawn)} runs")
     axes.xaxis.get_major_locator().set_params(integer=True)
     if key.endswith("accuracy"):

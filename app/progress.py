@@ -12,13 +12,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-#: Accuracy series in the order they are shown, with their display names.
-ACCURACY_KEYS: tuple[tuple[str, str], ...] = (
-    ("central-accuracy", "central"),
-    ("federated-accuracy", "federated"),
-    ("personalized-accuracy", "personalised"),
-    ("global-accuracy", "global"),
-)
 #: Files (and folders) of a run folder named in the summary when they exist.
 RUN_FILES: tuple[str, ...] = (
     "metrics.json",
@@ -136,9 +129,9 @@ def format_round_line(
     parts = [f"[round {server_round}/{num_rounds}] train-loss {_fmt(entry.get('train-loss'))}"]
     parts.append(central)
     parts.append(f"federated accuracy {_fmt(entry.get('federated-accuracy'))}")
-    for key, name in ACCURACY_KEYS[2:]:
-        if number(entry.get(key)) is not None:
-            parts.append(f"{name} accuracy {_fmt(entry.get(key))}")
+    personalised = number(entry.get("personalized-accuracy"))
+    if personalised is not None and personalised != number(entry.get("federated-accuracy")):
+        parts.append(f"personalised accuracy {personalised:.4f}")
     if "num-sampled" in entry:
         parts.append(f"{entry.get('num-accepted', 0)}/{entry.get('num-sampled', 0)} replies")
     if (epsilon := number(entry.get("epsilon"))) is not None:
@@ -175,7 +168,7 @@ def run_summary(metrics: Mapping[str, Any]) -> dict[str, Any]:
     dict
         ``strategy``, ``dataset``, ``rounds-done``, ``num-rounds``,
         ``best-accuracy``, ``best-round``, ``final-accuracy``, ``final-loss``,
-        ``final-federated-accuracy``, ``final-round``, ``total-s``,
+        ``final-federated-accuracy``, ``final-personalized-accuracy``, ``final-round``, ``total-s``,
         ``epsilon``, ``epsilon-pld``, ``delta`` (``None`` where unknown).
     """
     config = metrics.get("config", {}) or {}
@@ -196,6 +189,7 @@ def run_summary(metrics: Mapping[str, Any]) -> dict[str, Any]:
         "final-accuracy": number(final.get("central-accuracy")),
         "final-loss": number(final.get("central-loss")),
         "final-federated-accuracy": number(final.get("federated-accuracy")),
+        "final-personalized-accuracy": number(final.get("personalized-accuracy")),
         "final-round": int(final.get("round", 0)) if final else None,
         "total-s": sum(known_times) if known_times else None,
         "epsilon": number(dp[-1].get("epsilon")) if dp else None,
@@ -230,13 +224,9 @@ def format_summary(metrics: Mapping[str, Any], run_dir: Path, total_s: float | N
     s = run_summary(metrics)
     planned = "?" if s["num-rounds"] is None else s["num-rounds"]
     dataset = f", dataset {s['dataset']}" if s["dataset"] else ""
-    lines = [
-        f"Run {run_dir.name} ({s['strategy']}{dataset}): {s['rounds-done']}/{planned} rounds"
-    ]
+    lines = [f"Run {run_dir.name} ({s['strategy']}{dataset}): {s['rounds-done']}/{planned} rounds"]
     if s["best-accuracy"] is not None:
-        lines.append(
-            f"  best central accuracy  {s['best-accuracy']:.4f} (round {s['best-round']})"
-        )
+        lines.append(f"  best central accuracy  {s['best-accuracy']:.4f} (round {s['best-round']})")
     if s["final-round"] is not None:
         lines.append(
             f"  final central accuracy {_fmt(s['final-accuracy'])}, loss "
@@ -244,6 +234,9 @@ def format_summary(metrics: Mapping[str, Any], run_dir: Path, total_s: float | N
         )
     if s["final-federated-accuracy"] is not None:
         lines.append(f"  final federated accuracy {s['final-federated-accuracy']:.4f}")
+    personalised = s["final-personalized-accuracy"]
+    if personalised is not None and personalised != s["final-federated-accuracy"]:
+        lines.append(f"  final personalised accuracy {personalised:.4f}")
     total = total_s if total_s is not None else s["total-s"]
     lines.append(f"  total time {format_duration(total)}")
     if s["epsilon"] is not None:

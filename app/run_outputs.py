@@ -75,9 +75,17 @@ class MetricsLog:
     leaves a valid history of every round it completed.
     """
 
-    def __init__(self, path: Path, config: Mapping[str, Any]) -> None:
+    def __init__(
+        self,
+        path: Path,
+        config: Mapping[str, Any],
+        rounds: list[Mapping[str, Any]] | None = None,
+    ) -> None:
         self.path = path
-        self.content: dict[str, Any] = {"config": dict(config), "rounds": []}
+        self.content: dict[str, Any] = {
+            "config": dict(config),
+            "rounds": [dict(entry) for entry in rounds or []],
+        }
         write_json_atomically(self.path, self.content)
 
     def append(self, entry: Mapping[str, Any]) -> None:

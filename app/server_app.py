@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import time
 from logging import ERROR, INFO, WARNING
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -19,9 +21,19 @@ from strategies.dp_fedavg import DPFedAvg
 from strategies.fedavg import FedAvg, RoundReport, to_arrayrecord, to_numpy
 from strategies.sampling import wait_for_nodes
 
+from .checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    resume_run,
+    save_run_checkpoint,
+    write_privacy_ledger,
+)
 from .config import ConfigError, RunConfig, parse_run_config
 from .data_report import log_client_summary, plot_label_distribution
+from .plots import plot_run
+from .progress import format_round_line, format_summary
 from .run_outputs import MetricsLog, create_run_dir, resolve_output_dir
+from .tensorboard_log import TensorBoardLog
 from .task import federation_spec, model_spec
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -101,38 +113,6 @@ def round_entry(report: RoundReport, strategy: FedAvg | None = None) -> dict[str
     return entry
 
 
-def log_round(report: RoundReport, privacy: dict[str, float] | None = None) -> None:
-    """The one progress line per round (with epsilon under DP)."""
-    central = report.central_metrics
-    personalized = ""
-    federated = report.federated_metrics
-    if "personalized-accuracy" in federated and federated.get("personalized-accuracy") != federated.get("eval-accuracy"):
-        personalized = f" (personalized {federated['personalized-accuracy']:.4f})"
-    epsilon = ""
-    if privacy and report.server_round > 0 and "epsilon" in privacy:
-        epsilon = f" | epsilon {privacy['epsilon']:.3f}"
-    log(
-        INFO,
-        "[round %d/%d] train-loss %s | central accuracy %s loss %s | "
-        "federated accuracy %s%s | %d/%d replies%s | %.1f s",
-        report.server_round,
-        report.num_rounds,
-        _fmt(report.train_metrics.get("train-loss")),
-        _fmt(central.get("central-accuracy")),
-        _fmt(central.get("central-loss")),
-        _fmt(report.federated_metrics.get("eval-accuracy")),
-        personalized,
-        report.num_accepted,
-        report.num_sampled,
-        epsilon,
-        report.elapsed_s,
-    )
-
-
-def _fmt(value: float | None) -> str:
-    return "-" if value is None else f"{value:.4f}"
-
-
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run federated training as the run config says."""
@@ -147,13 +127,20 @@ def main(grid: Grid, context: Context) -> None:
     except ConfigError as error:
         log(ERROR, "Invalid run config: %s", error)
         raise
-    run_dir = create_run_dir(resolve_output_dir(config.output_dir), context.run_id)
-    log(INFO, "Run %s: outputs in %s", context.run_id, run_dir)
+    if config.resume:
+        run_dir = resolve_output_dir(config.resume)
+        log(INFO, "Run %s continues the run in %s", context.run_id, run_dir)
+    else:
+        run_dir = create_run_dir(resolve_output_dir(config.output_dir), context.run_id)
+        log(INFO, "Run %s: outputs in %s", context.run_id, run_dir)
 
     report_federation(grid, config, run_dir)
     # The server holds, and sends, only the shared variables.
     shared, _ = split_weights(get_weights(evaluator.model), private_paths)
-    initial = to_arrayrecord(shared)
+    start_round, kept = 1, []
+    if config.resume:
+        checkpoint, kept = resume_checkpoint(run_dir, strategy, config)
+        shared, start_round = checkpoint.arrays, checkpoint.round + 1
     central = evaluator
     if private_paths & head_paths(evaluator.model):
         central = None
@@ -169,11 +156,35 @@ def main(grid: Grid, context: Context) -> None:
             "values of the %d private variables",
             len(private_paths),
         )
-    metrics_log = MetricsLog(run_dir / "metrics.json", config.as_dict())
 
+    metrics_log = MetricsLog(run_dir / "metrics.json", config.as_dict(), kept)
+    tensorboard = TensorBoardLog.rebuild(run_dir, kept) if kept else TensorBoardLog(run_dir)
+    round_times = [float(e["elapsed-s"]) for e in kept if e.get("elapsed-s") is not None]
+    if isinstance(strategy, DPFedAvg):
+        strategy.on_privacy_spent = lambda server_round, ledger: write_privacy_ledger(
+            run_dir, server_round, ledger
+        )
+
+    def on_round_end(report: RoundReport) -> None:
+        entry = round_entry(report, strategy)
+        # The checkpoint goes first: a run killed before metrics.json is
+        # rewritten still gets this round's entry back on resume.
+        save_run_checkpoint(
+            run_dir, report.server_round, to_numpy(report.arrays), strategy,
+            config.as_dict(), entry,
+        )
+        metrics_log.append(entry)
+        tensorboard.log_round(entry)
+        if report.server_round > 0:
+            round_times.append(report.elapsed_s)
+        log(INFO, "%s", format_round_line(
+            entry, config.num_server_rounds, sum(round_times), round_times
+        ))
+
+    t_start = time.monotonic()
     result = strategy.start(
         grid=grid,
-        initial_arrays=initial,
+        initial_arrays=to_arrayrecord(shared),
         num_rounds=config.num_server_rounds,
         timeout=config.round_timeout,
         train_config=ConfigRecord(
@@ -185,11 +196,10 @@ def main(grid: Grid, context: Context) -> None:
         ),
         evaluate_config=ConfigRecord({"batch-size": config.batch_size}),
         evaluate_fn=central,
-        on_round_end=[
-            lambda report: log_round(report, getattr(strategy, "last_round_privacy", None)),
-            lambda report: metrics_log.append(round_entry(report, strategy)),
-        ],
+        on_round_end=[on_round_end],
+        start_round=start_round,
     )
+    tensorboard.close()
     if strategy.stop_reason is not None:
         log(WARNING, "Run ended early: %s", strategy.stop_reason)
     if isinstance(strategy, DPFedAvg) and strategy.ledger.rounds:
@@ -202,8 +212,29 @@ def main(grid: Grid, context: Context) -> None:
             strategy.ledger.rounds,
             strategy.client_sampling,
         )
+    plot_run(metrics_log.content, run_dir / "plots")
     save_model(evaluator, result.arrays, run_dir / "model.keras")
-    log(INFO, "Run %s finished: model and metrics in %s", context.run_id, run_dir)
+    for line in format_summary(
+        metrics_log.content, run_dir, time.monotonic() - t_start
+    ).splitlines():
+        log(INFO, "%s", line)
+
+
+def resume_checkpoint(
+    run_dir: Path, strategy: FedAvg, config: RunConfig
+) -> tuple[Checkpoint, list[dict]]:
+    """The checkpoint to continue from and the metrics entries to keep, or a ConfigError."""
+    metrics_path = run_dir / "metrics.json"
+    if not metrics_path.is_file():
+        raise ConfigError(
+            f"run config 'resume' = {config.resume!r}: {metrics_path} does not exist; "
+            "name the folder of an earlier run"
+        )
+    rounds = json.loads(metrics_path.read_text(encoding="utf-8"))["rounds"]
+    try:
+        return resume_run(run_dir, strategy, config.as_dict(), rounds)
+    except CheckpointError as error:
+        raise ConfigError(f"run config 'resume' = {config.resume!r}: {error}") from error
 
 
 def head_paths(model: keras.Model) -> frozenset[str]:

@@ -41,12 +41,15 @@ TAGS: dict[str, str] = {
     "global-accuracy": "accuracy/global",
     "central-loss": "loss/central",
     "federated-loss": "loss/federated",
+    "personalized-loss": "loss/personalized",
     "train-loss": "loss/train",
     "epsilon": "privacy/epsilon",
     "epsilon-pld": "privacy/epsilon-pld",
     "epsilon-projected": "privacy/epsilon-projected",
     "delta": "privacy/delta",
+    "sample-epsilon": "privacy/sample-epsilon",
     "sample-epsilon-max": "privacy/sample-epsilon-max",
+    "sample-delta": "privacy/sample-delta",
     "local-dp-epsilon": "privacy/local-dp-epsilon",
     "local-dp-delta": "privacy/local-dp-delta",
     "clipping-norm": "clipping/norm",
@@ -139,8 +142,13 @@ def scalar_value(tag: str, value: float) -> bytes:
     return _bytes_field(1, tag.encode("utf-8")) + _field(2, 5) + struct.pack("<f", value)
 
 
-def event(wall_time: float, step: int, *, summary_values: Iterable[bytes] = (),
-          file_version: str | None = None) -> bytes:
+def event(
+    wall_time: float,
+    step: int,
+    *,
+    summary_values: Iterable[bytes] = (),
+    file_version: str | None = None,
+) -> bytes:
     """``Event{wall_time: 1 (double), step: 2, file_version: 3, summary: 5}``."""
     out = _field(1, 1) + struct.pack("<d", wall_time) + _field(2, 0) + _varint(step)
     if file_version is not None:
@@ -183,8 +191,12 @@ class TensorBoardLog:
             self.path = self.log_dir / name
             self._file = open(self.path, "ab")  # noqa: SIM115  pylint: disable=consider-using-with
             self._file.write(tfrecord(event(now, 0, file_version="brain.Event:2")))
-            log(INFO, "TensorBoard events: %s (tensorboard --logdir %s)",
-                self.path, run_dir_parent(self.log_dir))
+            log(
+                INFO,
+                "TensorBoard events: %s (tensorboard --logdir %s)",
+                self.path,
+                run_dir_parent(self.log_dir),
+            )
         return self._file
 
     def log_round(self, entry: Mapping[str, Any]) -> int:

@@ -110,7 +110,7 @@ def create_tls_files(
     valid_days : int
         Validity of both certificates.
     """
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     not_before = now - dt.timedelta(minutes=5)  # tolerate small clock skew
     not_after = now + dt.timedelta(days=valid_days)
 

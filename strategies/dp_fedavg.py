@@ -49,7 +49,7 @@ about the sequence of global models (trusted-server, central DP).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from typing import Literal
@@ -339,6 +339,9 @@ class DPFedAvg(FedAvg):
         self.privacy_history: list[dict[str, float]] = []
         self.projected_epsilon: float | None = None
         self.stop_reason: str | None = None
+        # Called as on_privacy_spent(server_round, ledger) right after a round
+        # is charged, before its model leaves aggregate_train.
+        self.on_privacy_spent: Callable[[int, PrivacyLedger], None] | None = None
         self._plan: RoundPlan | None = None
         self._pending_nodes: tuple[int, list[int]] | None = None
         self._last_nodes: list[int] | None = None
@@ -615,6 +618,10 @@ class DPFedAvg(FedAvg):
             privacy["update-noise-multiplier"] = plan.update_noise_multiplier
             privacy["count-noise-stddev"] = plan.count_stddev
         self.ledger.compose(plan.event)
+        if self.on_privacy_spent is not None:
+            # Before the model is released: a crash after this point still
+            # leaves the round charged (write-ahead journal of the ledger).
+            self.on_privacy_spent(server_round, self.ledger)
         privacy["epsilon"] = self.ledger.epsilon
         privacy["delta"] = self.ledger.target_delta
         if (pld := self.ledger.epsilon_pld) is not None:
@@ -655,11 +662,17 @@ class DPFedAvg(FedAvg):
         evaluate_config: ConfigRecord | None = None,
         evaluate_fn: EvaluateFn | None = None,
         on_round_end: Iterable[RoundListener] = (),
+        start_round: int = 1,
     ) -> Result:
-        """Log the projected epsilon of the whole run, then run FedAvg's loop."""
-        nodes = self._connected_nodes(1, grid)
-        plan = self.plan_round(1, nodes)
-        self.projected_epsilon = self.ledger.epsilon_after(plan.event, num_rounds)
+        """Log the projected epsilon of the whole run, then run FedAvg's loop.
+
+        When a checkpointed run continues (``start_round`` > 1, ledger
+        restored), the projection adds the rounds left to the epsilon spent.
+        """
+        nodes = self._connected_nodes(max(start_round, 1), grid)
+        plan = self.plan_round(max(start_round, 1), nodes)
+        remaining = max(num_rounds - max(start_round, 1) + 1, 0)
+        self.projected_epsilon = self.ledger.epsilon_after(plan.event, remaining)
         log(
             INFO,
             "DP-FedAvg: projected epsilon after %d rounds: %.4g at delta %.3g "
@@ -672,7 +685,7 @@ class DPFedAvg(FedAvg):
             plan.num_nodes,
         )
         if self.target_epsilon is not None and self.projected_epsilon > self.target_epsilon:
-            affordable = self.ledger.affordable_rounds(plan.event, self.target_epsilon, num_rounds)
+            affordable = self.ledger.affordable_rounds(plan.event, self.target_epsilon, remaining)
             log(
                 WARNING,
                 "DP-FedAvg: target-epsilon %g allows only %d of %d rounds; later rounds "
@@ -690,4 +703,5 @@ class DPFedAvg(FedAvg):
             evaluate_config=evaluate_config,
             evaluate_fn=evaluate_fn,
             on_round_end=on_round_end,
+            start_round=start_round,
         )

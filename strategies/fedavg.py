@@ -326,8 +326,12 @@ class FedAvg(Strategy):
         evaluate_config: ConfigRecord | None = None,
         evaluate_fn: EvaluateFn | None = None,
         on_round_end: Iterable[RoundListener] = (),
+        start_round: int = 1,
     ) -> Result:
-        """Run ``num_rounds`` rounds of train, federated and central evaluation.
+        """Run rounds ``start_round..num_rounds`` of train, federated and central evaluation.
+
+        ``start_round`` > 1 continues a checkpointed run (``initial_arrays``
+        are then the checkpoint's arrays): round 0's evaluation is skipped.
 
         The loop is Flower's ``Strategy.start`` with one addition: after round
         0 (the initial model's central evaluation) and after every round, a
@@ -344,17 +348,18 @@ class FedAvg(Strategy):
         result.arrays = arrays
         t_start = time.monotonic()
 
-        report = RoundReport(server_round=0, num_rounds=num_rounds, arrays=arrays)
-        if evaluate_fn:
-            central = evaluate_fn(0, arrays)
-            if central is not None:
-                result.evaluate_metrics_serverapp[0] = central
-                report.central_metrics = dict(central)
-        report.elapsed_s = time.monotonic() - t_start
-        for listener in listeners:
-            listener(report)
+        if start_round <= 1:
+            report = RoundReport(server_round=0, num_rounds=num_rounds, arrays=arrays)
+            if evaluate_fn:
+                central = evaluate_fn(0, arrays)
+                if central is not None:
+                    result.evaluate_metrics_serverapp[0] = central
+                    report.central_metrics = dict(central)
+            report.elapsed_s = time.monotonic() - t_start
+            for listener in listeners:
+                listener(report)
 
-        for server_round in range(1, num_rounds + 1):
+        for server_round in range(max(start_round, 1), num_rounds + 1):
             reason = self.should_stop(server_round, grid)
             if reason is not None:
                 log(WARNING, "Stopping before round %d: %s", server_round, reason)

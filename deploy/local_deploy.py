@@ -1,0 +1,869 @@
+"""A real Flower deployment on this machine: SuperLink, SuperNodes, `flwr run`, on 127.0.0.1.
+
+What it does, in order (``--insecure`` skips the certificates and keys):
+
+1. creates a private CA, a SuperLink certificate for ``127.0.0.1``/``localhost``
+   and one ECDSA P-384 authentication key pair per SuperNode
+   (:mod:`deploy.certificates`);
+2. starts ``flower-superlink`` with TLS and SuperNode authentication on;
+3. registers each SuperNode's public key with ``flwr supernode register``;
+4. starts N ``flower-supernode`` processes, each with its own
+   ``--node-config`` (``partition-id``, ``num-partitions``, ``state-dir`` and,
+   when given, ``data-path``), its own ``FLWR_HOME`` and its own state folder;
+5. runs the app with ``flwr run <repo> local-deployment --stream``;
+6. stops everything it started, by process group, when the run ends, on
+   Ctrl-C, on SIGTERM and at interpreter exit.
+
+A SuperNode that crashes during the run is restarted (``--restart-crashed``,
+on by default); it rejoins with the same key and therefore the same node ID.
+
+Usage (from the repository root)::
+
+    uv run python -m deploy.local_deploy --num-supernodes 2 \\
+        --run-config "num-server-rounds=3 local-epochs=1"
+
+Everything it writes lives under ``--workdir`` (default
+``~/.cache/fedprivacy/deploy``): ``certs/``, ``keys/``, one folder per
+process with its log and ``FLWR_HOME``, the CLI's ``config.toml`` under
+``cli/`` and the run outputs under ``outputs/``. See deploy/README.md for the
+same steps on separate machines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import json
+import logging
+import os
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+
+from deploy.certificates import create_auth_key_pair, create_tls_files
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+CONNECTION = "local-deployment"
+LOOPBACK = "127.0.0.1"
+DEFAULT_WORKDIR = Path("~/.cache/fedprivacy/deploy")
+DEFAULT_PORT = 9093
+
+SUPERNODE_READY = "SuperNode ID:"
+"""Logged by ``flower-supernode`` once the SuperLink has accepted (activated) it."""
+ACTIVATION_REFUSED = "Failed to activate SuperNode"
+"""Logged by ``flower-supernode`` when the SuperLink refuses it (exit code 305):
+an unregistered key, or a key whose previous process the SuperLink still
+believes online (up to 2 x 30 s after that process's last heartbeat)."""
+
+INSECURE_WARNING = """
+!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!
+!!  INSECURE MODE: no TLS and no SuperNode authentication.                    !!
+!!  Model updates travel unencrypted and ANY process that reaches the         !!
+!!  SuperLink port can join the federation as a SuperNode. Use it only        !!
+!!  to debug on a machine you trust; never with real data or across a         !!
+!!  network.                                                                  !!
+!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!
+"""
+
+logger = logging.getLogger("deploy")
+
+
+class DeploymentError(RuntimeError):
+    """A step of the deployment failed; the message says which and why."""
+
+
+def free_port(host: str = LOOPBACK) -> int:
+    """A TCP port that is free on ``host`` right now."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def _toml_string(value: str) -> str:
+    """``value`` as a TOML basic string (JSON escapes are valid TOML escapes)."""
+    return json.dumps(value)
+
+
+def _config_string(value: str) -> str:
+    """``value`` quoted for Flower's ``key=value`` config syntax (a TOML literal string)."""
+    if "'" in value or "\n" in value:
+        raise DeploymentError(f"a node-config value cannot contain ' or a newline: {value!r}")
+    return f"'{value}'"
+
+
+# --------------------------------------------------------------------------- processes
+@dataclass(frozen=True)
+class ProcInfo:
+    """One process as /proc describes it."""
+
+    pid: int
+    ppid: int
+    pgid: int
+    state: str
+    name: str
+
+
+def process_table() -> dict[int, ProcInfo]:
+    """Every process of this (Linux) machine by pid; empty where there is no /proc."""
+    table: dict[int, ProcInfo] = {}
+    proc = Path("/proc")
+    if not (proc / "self" / "stat").exists():
+        return table
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:  # exited meanwhile
+            continue
+        # "pid (comm) state ppid pgrp ...": comm may contain spaces and parentheses.
+        name = stat[stat.find("(") + 1 : stat.rfind(")")]
+        fields = stat[stat.rfind(")") + 2 :].split()
+        if len(fields) > 2:
+            table[int(entry.name)] = ProcInfo(
+                int(entry.name), int(fields[1]), int(fields[2]), fields[0], name
+            )
+    return table
+
+
+def group_members(pgid: int, table: dict[int, ProcInfo] | None = None) -> list[str]:
+    """Live (non-zombie) processes of process group ``pgid``, as ``"pid:name"``.
+
+    A killed process whose parent has not reaped it yet is a zombie: it holds
+    no resources and does not count. Without /proc this falls back to
+    ``killpg(pgid, 0)``, which counts zombies too.
+    """
+    if table is None:
+        table = process_table()
+    if not table:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return []
+        except PermissionError:
+            pass
+        return [f"group {pgid}"]
+    return [
+        f"{info.pid}:{info.name}"
+        for info in table.values()
+        if info.pgid == pgid and info.state != "Z"
+    ]
+
+
+def descendants(pid: int, table: dict[int, ProcInfo]) -> list[ProcInfo]:
+    """All processes below ``pid`` in the process tree (children, grandchildren, ...)."""
+    children: dict[int, list[ProcInfo]] = {}
+    for info in table.values():
+        children.setdefault(info.ppid, []).append(info)
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child.pid)
+    return found
+
+
+@dataclass
+class ManagedProcess:
+    """One child process in its own session, with its output in a log file.
+
+    Signals go to its process group and to the groups of any descendant that
+    started a session of its own: ``flower-superlink`` starts
+    ``flower-superexec`` with ``setsid``, which starts ``flwr-serverapp``.
+    """
+
+    name: str
+    command: list[str]
+    env: dict[str, str]
+    log_path: Path | None
+    cwd: Path = REPO
+    process: subprocess.Popen[bytes] | None = None
+    groups: set[int] = field(default_factory=set)
+
+    def start(self) -> ManagedProcess:
+        """Start the process (its output appended to ``log_path``, or to ours if None)."""
+        if self.running():
+            raise DeploymentError(f"{self.name} is already running (pid {self.pid})")
+        output = None
+        if self.log_path is not None:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            output = self.log_path.open("ab")
+        try:
+            self.process = subprocess.Popen(  # pylint: disable=consider-using-with
+                self.command, env=self.env, cwd=self.cwd, stdin=subprocess.DEVNULL,
+                stdout=output, stderr=subprocess.STDOUT if output else None,
+                start_new_session=True,
+            )
+        finally:
+            if output is not None:
+                output.close()
+        self.groups = {self.process.pid}
+        logger.info("started %s (pid %d)", self.name, self.process.pid)
+        return self
+
+    @property
+    def pid(self) -> int:
+        """The process id, which is also its process group id."""
+        if self.process is None:
+            raise DeploymentError(f"{self.name} was never started")
+        return self.process.pid
+
+    def running(self) -> bool:
+        """Whether the process has been started and has not exited."""
+        return self.process is not None and self.process.poll() is None
+
+    @property
+    def returncode(self) -> int | None:
+        """Exit status, or None while running (or never started)."""
+        return None if self.process is None else self.process.poll()
+
+    def refresh_groups(self, table: dict[int, ProcInfo] | None = None) -> set[int]:
+        """Add the groups of descendants that lead a group of their own; return all known.
+
+        Only a group whose leader is one of our descendants is added, so an
+        unrelated group is never signalled. Groups stay known after their
+        parent exits, which is when they would otherwise be lost.
+        """
+        if self.process is None:
+            return set()
+        table = process_table() if table is None else table
+        own = os.getpgrp()
+        for info in descendants(self.pid, table):
+            if info.pgid == info.pid and info.pgid != own:
+                self.groups.add(info.pgid)
+        return self.groups
+
+    def signal_group(self, sig: int) -> None:
+        """Send ``sig`` to every known group; a group that is gone is ignored."""
+        if self.process is None:
+            return
+        for pgid in sorted(self.refresh_groups()):
+            try:
+                os.killpg(pgid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """SIGTERM the groups, wait up to ``timeout`` s, then SIGKILL what is left."""
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.signal_group(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                logger.warning("%s ignored SIGTERM for %.0f s; killing it", self.name, timeout)
+        # Children outlive their leader when it exits first: kill the groups anyway.
+        self.signal_group(signal.SIGKILL)
+        try:
+            self.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:  # pragma: no cover - a process in D state
+            logger.error("%s (pid %d) did not exit after SIGKILL", self.name, self.pid)
+        self._wait_groups_gone(timeout=10)
+
+    def _wait_groups_gone(self, timeout: float) -> None:
+        """Wait until no live member of any known group is left (SIGKILL takes a moment)."""
+        deadline = time.monotonic() + timeout
+        while left := self.alive_members():
+            if time.monotonic() >= deadline:
+                logger.error("%s: processes still alive after SIGKILL: %s", self.name, left)
+                return
+            self.signal_group(signal.SIGKILL)
+            time.sleep(0.1)
+
+    def kill(self) -> None:
+        """SIGKILL every group at once: a crash, with no goodbye to the SuperLink."""
+        self.signal_group(signal.SIGKILL)
+        if self.process is not None:
+            self.process.wait(timeout=10)
+            self._wait_groups_gone(timeout=10)
+
+    def alive_members(self) -> list[str]:
+        """Live (non-zombie) processes left in the known groups, as ``"pid:name"``."""
+        if self.process is None:
+            return []
+        table = process_table()
+        self.refresh_groups(table)
+        return [m for pgid in sorted(self.groups) for m in group_members(pgid, table or None)]
+
+    def group_alive(self) -> bool:
+        """Whether any process of the known groups is still there (zombies do not count)."""
+        return bool(self.alive_members())
+
+    def log_text(self) -> str:
+        """Everything the process has written so far ('' without a log file)."""
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        return self.log_path.read_text(errors="replace")
+
+    def log_size(self) -> int:
+        """Current length of the log, as a marker for :meth:`wait_for`'s ``since``."""
+        return len(self.log_text())
+
+    def wait_for(
+        self, pattern: str, timeout: float, since: int = 0, fail_on_exit: bool = True
+    ) -> re.Match[str]:
+        """Wait until ``pattern`` (a regex) appears in the log after offset ``since``.
+
+        Raises
+        ------
+        DeploymentError
+            If the process exits first (unless ``fail_on_exit`` is false) or
+            ``timeout`` seconds pass; the message ends with the log's tail.
+        """
+        deadline = time.monotonic() + timeout
+        regex = re.compile(pattern)
+        while True:
+            text = self.log_text()
+            if match := regex.search(text, since):
+                return match
+            if fail_on_exit and not self.running():
+                raise DeploymentError(
+                    f"{self.name} exited with code {self.returncode} before logging "
+                    f"{pattern!r}:\n{text[-3000:]}"
+                )
+            if time.monotonic() >= deadline:
+                raise DeploymentError(
+                    f"{self.name} did not log {pattern!r} within {timeout:.0f} s:\n{text[-3000:]}"
+                )
+            time.sleep(0.25)
+
+
+# ------------------------------------------------------------------------- deployment
+@dataclass
+class SuperNodeSlot:
+    """One SuperNode of the federation: its identity, folders and process."""
+
+    index: int
+    key_name: str
+    folder: Path
+    node_config: str
+    process: ManagedProcess | None = None
+    node_id: int | None = None
+    restarts: int = 0
+
+    @property
+    def state_dir(self) -> Path:
+        """Where the ClientApp keeps this node's private state (``state-dir``)."""
+        return self.folder / "state"
+
+
+@dataclass
+class LocalDeployment:  # pylint: disable=too-many-instance-attributes
+    """A SuperLink and N SuperNodes on 127.0.0.1, started and stopped as one.
+
+    Use it as a context manager so that every process it started is stopped
+    on the way out, whatever happens::
+
+        with LocalDeployment(workdir, num_supernodes=2) as deployment:
+            deployment.start()
+            run = deployment.start_run("num-server-rounds=2")
+            exit_code = deployment.supervise(run)
+    """
+
+    workdir: Path
+    num_supernodes: int = 2
+    insecure: bool = False
+    port: int = 0
+    data_paths: dict[int, str] = field(default_factory=dict)
+    superlink_args: Sequence[str] = ()
+    processes: list[ManagedProcess] = field(default_factory=list, init=False)
+    supernodes: list[SuperNodeSlot] = field(default_factory=list, init=False)
+
+    def __post_init__(self) -> None:
+        self.workdir = Path(self.workdir).expanduser().resolve()
+        if self.workdir == REPO or REPO in self.workdir.parents:
+            raise DeploymentError(
+                f"--workdir {self.workdir} is inside the app folder {REPO}: `flwr run` would "
+                "ship its private keys to the SuperLink with the app. Use a folder outside it."
+            )
+        if self.num_supernodes < 1:
+            raise DeploymentError("--num-supernodes must be at least 1")
+        unknown = sorted(set(self.data_paths) - set(range(self.num_supernodes)))
+        if unknown:
+            raise DeploymentError(
+                f"data path given for SuperNode(s) {unknown}, "
+                f"but only 0..{self.num_supernodes - 1} exist"
+            )
+        if self.port == 0:
+            self.port = free_port()
+        self.address = f"{LOOPBACK}:{self.port}"
+        self.certs_dir = self.workdir / "certs"
+        self.keys_dir = self.workdir / "keys"
+        self.cli_home = self.workdir / "cli"
+        self.outputs_dir = self.workdir / "outputs"
+        self.superlink: ManagedProcess | None = None
+
+    # ------------------------------------------------------------------ setup
+    def base_env(self, flwr_home: Path) -> dict[str, str]:
+        """Environment of every Flower process: its own FLWR_HOME, this venv's tools first."""
+        env = dict(os.environ, FLWR_HOME=str(flwr_home), FLWR_DISABLE_UPDATE_CHECK="1")
+        env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+        env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        return env
+
+    @property
+    def cli_env(self) -> dict[str, str]:
+        """Environment for ``flwr`` CLI commands against this deployment."""
+        return self.base_env(self.cli_home)
+
+    def prepare(self) -> None:
+        """Create folders, certificates, keys and the CLI connection (idempotent per run)."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        if not self.insecure:
+            create_tls_files(self.certs_dir)
+        for index in range(self.num_supernodes):
+            folder = self.workdir / f"supernode-{index}"
+            key_name = f"supernode-{index}"
+            if not self.insecure:
+                create_auth_key_pair(self.keys_dir, key_name)
+            slot = SuperNodeSlot(index=index, key_name=key_name, folder=folder, node_config="")
+            slot.state_dir.mkdir(parents=True, exist_ok=True)
+            slot.node_config = self.node_config(index, slot.state_dir)
+            self.supernodes.append(slot)
+        self.write_cli_config()
+
+    def node_config(self, index: int, state_dir: Path) -> str:
+        """The ``--node-config`` of SuperNode ``index``.
+
+        ``partition-id``/``num-partitions`` pick its part of a partitioned
+        dataset (the same keys Flower's simulation sets); ``state-dir`` is its
+        own folder for state that must survive a restart; ``data-path``, when
+        given, points at this institution's own files.
+        """
+        parts = [
+            f"partition-id={index}",
+            f"num-partitions={self.num_supernodes}",
+            f"state-dir={_config_string(str(state_dir))}",
+        ]
+        if index in self.data_paths:
+            parts.append(f"data-path={_config_string(self.data_paths[index])}")
+        return " ".join(parts)
+
+    def write_cli_config(self) -> Path:
+        """``$FLWR_HOME/config.toml`` of the CLI with the ``local-deployment`` connection."""
+        self.cli_home.mkdir(parents=True, exist_ok=True)
+        lines = [
+            "[superlink]",
+            f"default = {_toml_string(CONNECTION)}",
+            "",
+            f"[superlink.{CONNECTION}]",
+            f"address = {_toml_string(self.address)}",
+        ]
+        if self.insecure:
+            lines.append("insecure = true")
+        else:
+            lines.append(f"root-certificates = {_toml_string(str(self.certs_dir / 'ca.crt'))}")
+        path = self.cli_home / "config.toml"
+        path.write_text("\n".join(lines) + "\n")
+        return path
+
+    def _track(self, process: ManagedProcess) -> ManagedProcess:
+        self.processes.append(process)
+        return process
+
+    # -------------------------------------------------------------- SuperLink
+    def superlink_command(self) -> list[str]:
+        """The ``flower-superlink`` command line."""
+        command = [str(BIN / "flower-superlink")]
+        if self.insecure:
+            command.append("--insecure")
+        else:
+            command += [
+                "--ssl-certfile", str(self.certs_dir / "server.pem"),
+                "--ssl-keyfile", str(self.certs_dir / "server.key"),
+                "--ssl-ca-certfile", str(self.certs_dir / "ca.crt"),
+                "--enable-supernode-auth",
+            ]
+        command += [
+            "--isolation", "subprocess",
+            "--host", LOOPBACK, "--port", str(self.port),
+            # The ServerApp runs in this virtual environment; no `uv sync` per run.
+            "--disable-runtime-dependency-installation",
+            *self.superlink_args,
+        ]
+        return command
+
+    def start_superlink(self, timeout: float = 60.0) -> ManagedProcess:
+        """Start the SuperLink and wait until its port accepts connections."""
+        folder = self.workdir / "superlink"
+        process = self._track(
+            ManagedProcess(
+                "superlink", self.superlink_command(), self.base_env(folder / "home"),
+                folder / "superlink.log",
+            ).start()
+        )
+        self.superlink = process
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not process.running():
+                raise DeploymentError(
+                    f"flower-superlink exited with code {process.returncode}:\n"
+                    f"{process.log_text()[-3000:]}"
+                )
+            with socket.socket() as sock:
+                if sock.connect_ex((LOOPBACK, self.port)) == 0:
+                    logger.info("SuperLink listening on %s (%s)", self.address,
+                                "insecure" if self.insecure else "TLS + SuperNode auth")
+                    return process
+            time.sleep(0.2)
+        raise DeploymentError(
+            f"flower-superlink did not listen on {self.address} in {timeout:.0f} s"
+        )
+
+    # ------------------------------------------------------------ registration
+    def register_keys(self, public_keys: Sequence[Path], timeout: float = 120.0) -> list[int]:
+        """Register public keys with ``flwr supernode register`` (in parallel); return node IDs."""
+        commands = [
+            [str(BIN / "flwr"), "supernode", "register", str(key), CONNECTION,
+             "--name", key.stem, "--format", "json"]
+            for key in public_keys
+        ]
+        running = [
+            subprocess.Popen(  # pylint: disable=consider-using-with
+                command, env=self.cli_env, cwd=self.workdir, stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT, text=True, start_new_session=True,
+            )
+            for command in commands
+        ]
+        node_ids = []
+        try:
+            for key, process in zip(public_keys, running, strict=True):
+                output, _ = process.communicate(timeout=timeout)
+                node_ids.append(_parse_node_id(key, process.returncode, output))
+        finally:
+            for process in running:
+                if process.poll() is None:
+                    os.killpg(process.pid, signal.SIGKILL)
+                    process.wait()
+        return node_ids
+
+    def register_supernodes(self) -> None:
+        """Register every SuperNode's public key (not needed, and skipped, when insecure)."""
+        if self.insecure:
+            return
+        keys = [self.keys_dir / f"{slot.key_name}.pub" for slot in self.supernodes]
+        for slot, node_id in zip(self.supernodes, self.register_keys(keys), strict=True):
+            slot.node_id = node_id
+            logger.info("registered %s as node %d", slot.key_name, node_id)
+
+    # -------------------------------------------------------------- SuperNodes
+    def supernode_command(
+        self, node_config: str, runtime_port: int, private_key: Path | None
+    ) -> list[str]:
+        """The ``flower-supernode`` command line."""
+        command = [str(BIN / "flower-supernode"), "--superlink", self.address]
+        if self.insecure:
+            command.append("--insecure")
+        else:
+            command += ["--root-certificates", str(self.certs_dir / "ca.crt")]
+            if private_key is not None:
+                command += ["--auth-supernode-private-key", str(private_key)]
+        command += [
+            "--node-config", node_config,
+            "--isolation", "subprocess",
+            # Each SuperNode serves its ClientApps on its own local port.
+            "--host", LOOPBACK, "--port", str(runtime_port),
+        ]
+        return command
+
+    def launch_supernode(
+        self, name: str, folder: Path, node_config: str, private_key: Path | None
+    ) -> ManagedProcess:
+        """Start one ``flower-supernode`` (no waiting) with its own FLWR_HOME and log."""
+        command = self.supernode_command(node_config, free_port(), private_key)
+        return self._track(
+            ManagedProcess(name, command, self.base_env(folder / "home"), folder / "supernode.log")
+            .start()
+        )
+
+    def start_supernode(
+        self, index: int, wait: bool = True, timeout: float = 90.0
+    ) -> ManagedProcess:
+        """Start SuperNode ``index``; with ``wait``, until the SuperLink has accepted it."""
+        slot = self.supernodes[index]
+        if slot.process is not None and slot.process.running():
+            raise DeploymentError(f"supernode-{index} is already running")
+        private_key = None if self.insecure else self.keys_dir / slot.key_name
+        since = slot.process.log_size() if slot.process else 0
+        slot.process = self.launch_supernode(
+            f"supernode-{index}", slot.folder, slot.node_config, private_key
+        )
+        if wait:
+            match = slot.process.wait_for(SUPERNODE_READY + r" (\d+)", timeout, since=since)
+            slot.node_id = int(match.group(1))
+            logger.info("supernode-%d online as node %d", index, slot.node_id)
+        return slot.process
+
+    def restart_supernode(self, index: int, timeout: float = 120.0, retry_s: float = 5.0) -> int:
+        """(Re)start SuperNode ``index`` until the SuperLink accepts it; return its node ID.
+
+        After a crash the SuperLink keeps the node online until two heartbeat
+        intervals (2 x 30 s) have passed since its last heartbeat and refuses
+        a second activation of the same key until then; this retries every
+        ``retry_s`` seconds for up to ``timeout`` seconds.
+        """
+        slot = self.supernodes[index]
+        if slot.process is not None:
+            slot.process.stop()
+        deadline = time.monotonic() + timeout
+        while True:
+            since = slot.process.log_size() if slot.process else 0
+            self.start_supernode(index, wait=False)
+            assert slot.process is not None
+            try:
+                match = slot.process.wait_for(
+                    SUPERNODE_READY + r" (\d+)|" + ACTIVATION_REFUSED,
+                    max(1.0, deadline - time.monotonic()), since=since, fail_on_exit=False,
+                )
+            except DeploymentError as error:
+                raise DeploymentError(
+                    f"supernode-{index} was not accepted within {timeout:.0f} s"
+                ) from error
+            if match.group(1):
+                slot.node_id = int(match.group(1))
+                slot.restarts += 1
+                logger.info("supernode-%d rejoined as node %d", index, slot.node_id)
+                return slot.node_id
+            slot.process.stop()
+            if time.monotonic() + retry_s >= deadline:
+                raise DeploymentError(
+                    f"supernode-{index} was still refused after {timeout:.0f} s:\n"
+                    f"{slot.process.log_text()[-2000:]}"
+                )
+            logger.info("supernode-%d not accepted yet (still online after its crash?); "
+                        "retrying in %.0f s", index, retry_s)
+            time.sleep(retry_s)
+
+    def start(self) -> None:
+        """Prepare, start the SuperLink, register the keys and start every SuperNode."""
+        if self.insecure:
+            print(INSECURE_WARNING, file=sys.stderr, flush=True)
+            logger.warning("insecure mode: no TLS, no SuperNode authentication")
+        self.prepare()
+        self.start_superlink()
+        self.register_supernodes()
+        for slot in self.supernodes:
+            self.start_supernode(slot.index, wait=False)
+        for slot in self.supernodes:
+            assert slot.process is not None
+            match = slot.process.wait_for(SUPERNODE_READY + r" (\d+)", 90.0)
+            slot.node_id = int(match.group(1))
+            logger.info("supernode-%d online as node %d", slot.index, slot.node_id)
+
+    # --------------------------------------------------------------------- run
+    def run_command(self, run_config: str = "") -> list[str]:
+        """``flwr run <repo> local-deployment --stream --run-config ...``."""
+        command = [str(BIN / "flwr"), "run", str(REPO), CONNECTION, "--stream"]
+        if run_config.strip():
+            command += ["--run-config", run_config]
+        if "output-dir" not in run_config:
+            command += ["--run-config", f"output-dir={_config_string(str(self.outputs_dir))}"]
+        return command
+
+    def start_run(self, run_config: str = "", log_path: Path | None = None) -> ManagedProcess:
+        """Start ``flwr run`` (its output to ``log_path``, or to this terminal)."""
+        return self._track(
+            ManagedProcess("flwr-run", self.run_command(run_config), self.cli_env, log_path).start()
+        )
+
+    def supervise(
+        self,
+        run: ManagedProcess,
+        timeout: float | None = None,
+        restart_crashed: bool = True,
+        max_restarts: int = 10,
+        on_tick: Callable[[], None] | None = None,
+    ) -> int:
+        """Wait for ``run`` to end; restart crashed SuperNodes meanwhile; return its exit code."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        retry_at: dict[int, float] = {}
+        while run.running():
+            if deadline is not None and time.monotonic() > deadline:
+                run.stop()
+                raise DeploymentError(f"flwr run did not finish within {timeout:.0f} s")
+            for slot in self.supernodes:
+                process = slot.process
+                if not restart_crashed or process is None or process.running():
+                    continue
+                if slot.restarts >= max_restarts:
+                    continue
+                now = time.monotonic()
+                if now < retry_at.get(slot.index, 0.0):
+                    continue
+                logger.warning("supernode-%d exited with code %s; restarting it",
+                               slot.index, process.returncode)
+                process.stop()
+                self.start_supernode(slot.index, wait=False)
+                slot.restarts += 1
+                retry_at[slot.index] = now + 10.0
+            table = process_table()
+            for process in self.processes:
+                if process.running():
+                    process.refresh_groups(table)
+            if on_tick is not None:
+                on_tick()
+            time.sleep(1.0)
+        return int(run.returncode or 0)
+
+    # -------------------------------------------------------------------- stop
+    def stop_all(self) -> None:
+        """Stop every process started, newest first (the run, SuperNodes, SuperLink)."""
+        for process in reversed(self.processes):
+            if process.process is not None and (process.running() or process.group_alive()):
+                logger.info("stopping %s (pid %d)", process.name, process.pid)
+            process.stop()
+
+    def __enter__(self) -> LocalDeployment:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop_all()
+
+
+def _parse_node_id(key: Path, returncode: int | None, output: str) -> int:
+    """The node ID in ``flwr supernode register --format json`` output."""
+    start, end = output.find("{"), output.rfind("}")
+    try:
+        reply = json.loads(output[start : end + 1]) if start >= 0 else {}
+    except json.JSONDecodeError:
+        reply = {}
+    if returncode != 0 or not reply.get("success") or "node-id" not in reply:
+        raise DeploymentError(
+            f"registering {key} failed (exit code {returncode}):\n{output[-2000:]}"
+        )
+    return int(reply["node-id"])
+
+
+# --------------------------------------------------------------------------- command line
+class _Interrupted(Exception):
+    """Raised from the signal handler so that the cleanup code runs."""
+
+
+@contextmanager
+def _signals_stop_everything() -> Iterator[None]:
+    """Turn SIGINT, SIGTERM and SIGHUP into an exception (cleanup runs in ``finally``)."""
+
+    received: list[str] = []
+
+    def handler(signum: int, _frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
+        if received:  # already stopping: let the cleanup finish
+            logger.warning("%s received again; still stopping", name)
+            return
+        received.append(name)
+        raise _Interrupted(name)
+
+    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {sig: signal.signal(sig, handler) for sig in signals}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _parse_data_path(text: str) -> tuple[int, str]:
+    index, sep, path = text.partition("=")
+    if not sep or not index.strip().isdigit() or not path:
+        raise argparse.ArgumentTypeError(
+            f"expected INDEX=PATH, e.g. 0=/data/hospital-a; got {text!r}"
+        )
+    return int(index), path
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line of ``python -m deploy.local_deploy``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m deploy.local_deploy",
+        description="Run the app on a local SuperLink with N SuperNodes (TLS + SuperNode "
+        "authentication on 127.0.0.1), then stop everything.",
+    )
+    parser.add_argument("--num-supernodes", type=int, default=2,
+                        help="SuperNodes to start (default 2)")
+    parser.add_argument("--run-config", default="",
+                        help="run-config overrides for `flwr run`, e.g. \"num-server-rounds=3\" "
+                        "(output-dir defaults to WORKDIR/outputs)")
+    parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR,
+                        help="certificates, keys, logs, state and outputs "
+                        f"(default {DEFAULT_WORKDIR}); "
+                        "must be outside the app folder")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT,
+                        help=f"SuperLink port on 127.0.0.1 (default {DEFAULT_PORT}; "
+                        "0 picks a free one)")
+    parser.add_argument("--data-path", type=_parse_data_path, action="append", default=[],
+                        metavar="INDEX=PATH",
+                        help="node-config data-path of SuperNode INDEX (its own files; repeat)")
+    parser.add_argument("--insecure", action="store_true",
+                        help="no TLS and no SuperNode authentication "
+                        "(loud warning; debugging only)")
+    parser.add_argument("--serve", action="store_true",
+                        help="start the federation and keep it up until Ctrl-C "
+                        "instead of running the app")
+    parser.add_argument("--no-restart-crashed", dest="restart_crashed", action="store_false",
+                        help="do not restart a SuperNode that exits during the run")
+    parser.add_argument("--timeout", type=float, default=None,
+                        help="stop everything if the run takes longer than this many seconds")
+    args = parser.parse_args(argv)
+    if args.port < 0 or args.port > 65535:
+        parser.error("--port must be in 0..65535")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Deploy, run the app (or serve until Ctrl-C), stop everything; return an exit code."""
+    logging.basicConfig(level=logging.INFO, format="[deploy] %(message)s", stream=sys.stderr)
+    args = parse_args(argv)
+    try:
+        deployment = LocalDeployment(
+            args.workdir, num_supernodes=args.num_supernodes, insecure=args.insecure,
+            port=args.port, data_paths=dict(args.data_path),
+        )
+    except DeploymentError as error:
+        logger.error("%s", error)
+        return 2
+    atexit.register(deployment.stop_all)  # a last resort; stop_all is idempotent
+    started = time.monotonic()
+    try:
+        with _signals_stop_everything(), deployment:
+            deployment.start()
+            logger.info("workdir %s (logs: superlink/superlink.log, supernode-*/supernode.log)",
+                        deployment.workdir)
+            if args.serve:
+                logger.info(
+                    "federation up; in another terminal:\n"
+                    "  FLWR_HOME=%s flwr run . %s --stream\nCtrl-C stops everything",
+                    shlex.quote(str(deployment.cli_home)), CONNECTION,
+                )
+                while True:
+                    time.sleep(3600)
+            run = deployment.start_run(args.run_config)
+            code = deployment.supervise(
+                run, timeout=args.timeout, restart_crashed=args.restart_crashed
+            )
+            logger.info("flwr run exited with code %d after %.1f s (deployment start included)",
+                        code, time.monotonic() - started)
+            return code
+    except _Interrupted as signame:
+        logger.warning("%s received: stopping everything", signame)
+        return 130
+    except DeploymentError as error:
+        logger.error("%s", error)
+        return 1
+    finally:
+        deployment.stop_all()
+        logger.info("all processes stopped")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

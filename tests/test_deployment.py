@@ -1,0 +1,169 @@
+"""End to end on a real deployment: a TLS + SuperNode-auth SuperLink and two SuperNodes.
+
+Everything runs on 127.0.0.1 with free ports, its own FLWR_HOMEs and its own
+certificates and keys under pytest's tmp folder; every process started is
+stopped by process group, and the module fixture fails if one is left.
+
+Measured facts these tests rely on (Flower 1.42):
+
+* A SuperNode killed with SIGKILL sends no goodbye; the SuperLink keeps it
+  online until 2 x 30 s after its last heartbeat (heartbeats every ~24 s), then
+  answers the ServerApp's pending message to it with a "Node Unavailable"
+  error reply. So a round with a crashed node ends 36-60 s after the crash,
+  or at ``round-timeout`` if that is shorter. (SIGTERM deactivates the node at
+  once and its error reply comes within seconds.)
+* Until then the SuperLink refuses a second activation of the same key, so a
+  restart is retried until it is accepted; it then rejoins with the same node ID.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from deploy.certificates import create_auth_key_pair
+from deploy.local_deploy import ACTIVATION_REFUSED, LocalDeployment
+from tests.deploy_harness import (
+    UNKNOWN_KEY_REFUSED,
+    count,
+    finish,
+    loopback_deployment,
+    only_run_metrics,
+    wait_for_log,
+)
+
+pytestmark = pytest.mark.e2e
+
+# One process per message: keep the work per round small (1 epoch, no federated
+# evaluation) so that 2 rounds fit the CI time budget.
+FAST = "local-epochs=1 batch-size=32 fraction-evaluate=0.0 min-evaluate-nodes=0"
+ROUND_TIMEOUT = 120.0  # above the 60 s heartbeat expiry, so Flower's error reply ends the round
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalDeployment]:
+    """SuperLink (TLS, SuperNode auth) + 2 registered, authenticated SuperNodes."""
+    with loopback_deployment(tmp_path_factory.mktemp("deployment"), num_supernodes=2) as started:
+        yield started
+
+
+def test_deployment_uses_tls_auth_and_per_node_config(deployment: LocalDeployment) -> None:
+    superlink = deployment.superlink
+    assert superlink is not None and superlink.running()
+    assert {"--enable-supernode-auth", "--ssl-certfile"} <= set(superlink.command)
+    assert "--insecure" not in superlink.command
+    assert "Uvicorn running on https://" in superlink.log_text()
+    configs = []
+    for slot in deployment.supernodes:
+        assert slot.process is not None and slot.process.running()
+        command = slot.process.command
+        assert "--auth-supernode-private-key" in command and "--insecure" not in command
+        configs.append(command[command.index("--node-config") + 1])
+        assert slot.node_id is not None
+    assert configs[0].startswith("partition-id=0 num-partitions=2 state-dir=")
+    assert configs[1].startswith("partition-id=1 num-partitions=2 state-dir=")
+    assert configs[0] != configs[1]
+
+
+def test_fewer_nodes_than_min_train_nodes_ends_the_run_with_a_clear_message(
+    deployment: LocalDeployment, tmp_path: Path
+) -> None:
+    outputs = tmp_path / "outputs"
+    started = time.monotonic()
+    run = deployment.start_run(
+        f"num-server-rounds=2 {FAST} min-train-nodes=3 node-wait-timeout=5 "
+        f"output-dir='{outputs}'",
+        log_path=tmp_path / "run.log",
+    )
+    finish(run, timeout=180)
+    log = run.log_text()
+    assert "only 2 node(s) connected after waiting 5 s" in log, log[-4000:]
+    assert "[round 1/" not in log
+    assert time.monotonic() - started < 180
+    # The SuperNodes are unaffected by the failed run.
+    assert all(slot.process is not None and slot.process.running()
+               for slot in deployment.supernodes)
+
+
+# pylint: disable=too-many-locals,too-many-statements
+def test_dp_run_survives_a_supernode_killed_mid_round_and_its_restart(
+    deployment: LocalDeployment, tmp_path: Path
+) -> None:
+    """2 rounds of DP-FedAvg; SuperNode 1 is SIGKILLed in round 1 and restarted after it.
+
+    Also: a SuperNode with an unregistered key tries to join during the run
+    and is refused without the run noticing.
+    """
+    outputs = tmp_path / "outputs"
+    noise, clip = 0.01, 1.0
+    victim = deployment.supernodes[1]
+    assert victim.process is not None
+    node_id_before = victim.node_id
+    victim_log_start = victim.process.log_size()
+
+    t_start = time.monotonic()
+    run = deployment.start_run(
+        f"num-server-rounds=2 {FAST} strategy='dp-fedavg' client-sampling='fixed' "
+        f"fraction-train=1.0 min-train-nodes=2 noise-multiplier={noise} clipping-norm={clip} "
+        f"round-timeout={ROUND_TIMEOUT} node-wait-timeout=120 output-dir='{outputs}'",
+        log_path=tmp_path / "run.log",
+    )
+    # An intruder: a well-formed key the SuperLink operator never registered.
+    rogue_key = create_auth_key_pair(tmp_path / "rogue-keys", "rogue")
+    rogue = deployment.launch_supernode(
+        "rogue", tmp_path / "rogue", "partition-id=0 num-partitions=2", rogue_key.private_key
+    )
+    try:
+        # Kill SuperNode 1 (its ClientApp too) once it has taken round 1's train message.
+        wait_for_log(victim.process, "Receiving: train message", 240, since=victim_log_start)
+        t_kill = time.monotonic()
+        victim.process.kill()
+        t_round1 = wait_for_log(run, r"\[round 1/2\]", ROUND_TIMEOUT + 60)
+        # After the round the SuperLink has the crashed node offline: restart it.
+        crashed_log_end = victim.process.log_size()
+        rejoined_id = deployment.restart_supernode(1, timeout=120)
+        code = finish(run, timeout=300)
+        t_end = time.monotonic()
+        rogue_code = rogue.returncode  # before stop(), which would set one
+    finally:
+        rogue.stop()
+    log = run.log_text()
+    print(
+        f"\n[deployment timing] run {t_end - t_start:.1f} s; killed node's round ended "
+        f"{t_round1 - t_kill:.1f} s after the kill"
+    )
+
+    assert code == 0, log[-4000:]
+    assert "[round 2/2]" in log and "finished: model and metrics" in log
+    # The missing client is logged, with Flower's reason.
+    assert "Node Unavailable" in log, log[-4000:]
+    # The round did not wait for round-timeout: Flower's heartbeat expiry ended it.
+    assert t_round1 - t_kill < ROUND_TIMEOUT
+
+    # The restarted SuperNode rejoined under the same identity and trained in round 2.
+    assert rejoined_id == node_id_before
+    after_crash = victim.process.log_text()[crashed_log_end:]
+    assert re.search(r"SuperNode ID: \d+[\s\S]*Receiving: train message", after_crash), after_crash
+
+    rounds = only_run_metrics(outputs, log)["rounds"]
+    assert [r["round"] for r in rounds] == [0, 1, 2]
+    first, second = rounds[1], rounds[2]
+    assert (first["num-sampled"], first["num-accepted"], first["num-rejected"]) == (2, 1, 1)
+    assert (second["num-sampled"], second["num-accepted"], second["num-rejected"]) == (2, 2, 0)
+    # DP accounting assumed the sampled set: the denominator and the noise stay
+    # those of 2 sampled clients although only 1 contributed, and epsilon grows.
+    assert first["expected-clients"] == second["expected-clients"] == 2
+    assert first["num-contributing"] == 1 and second["num-contributing"] == 2
+    assert first["noise-stddev"] == second["noise-stddev"] == pytest.approx(noise * clip / 2)
+    assert 0 < first["epsilon"] < second["epsilon"] < math.inf
+    assert all(math.isfinite(r["central-loss"]) for r in rounds)
+
+    # The unregistered SuperNode was refused and never took part.
+    assert rogue_code not in (None, 0), rogue.log_text()[-2000:]
+    assert ACTIVATION_REFUSED in rogue.log_text()
+    assert count(UNKNOWN_KEY_REFUSED, deployment.superlink.log_text()) >= 1  # type: ignore[union-attr]
