@@ -22,6 +22,7 @@ from clients.private_layers import (
     private_variable_paths,
     split_weights,
 )
+from clients.proximal import local_seed, train_proximal
 from clients.training import ModelSpec, get_model, initial_weights, train_locally
 from clients.training import evaluate as evaluate_model
 from clients.weights import get_weights, set_weights
@@ -149,13 +150,28 @@ def train(msg: Message, context: Context) -> Message:
     global_arrays = received_shared(msg, setup)
     set_weights(model, {**global_arrays, **private_part(context, setup)})
     config = msg.content["config"]
-    loss = train_locally(
-        model,
-        setup.train,
-        epochs=int(config["local-epochs"]),
-        batch_size=int(config["batch-size"]),
-        learning_rate=float(config["learning-rate"]),
-    )
+    run_config = parse_run_config(context.run_config)
+    if run_config.proximal_mu > 0:
+        # FedProx (Li et al. 2020): the proximal term on the shared variables only.
+        loss = train_proximal(
+            model,
+            setup.train,
+            epochs=int(config["local-epochs"]),
+            batch_size=int(config["batch-size"]),
+            learning_rate=float(config["learning-rate"]),
+            proximal_mu=run_config.proximal_mu,
+            global_weights=global_arrays,
+            shared_paths=set(setup.shared_paths),
+            seed=local_seed(run_config.seed, int(config["server-round"]), setup.partition_id),
+        )
+    else:
+        loss = train_locally(
+            model,
+            setup.train,
+            epochs=int(config["local-epochs"]),
+            batch_size=int(config["batch-size"]),
+            learning_rate=float(config["learning-rate"]),
+        )
     shared, private = split_weights(get_weights(model), setup.private_paths)
     if private:
         save_private(context, private)

@@ -12,8 +12,10 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from data.partition import PARTITIONERS
+from data.public_slice import parse_server_data
 from data.sources import SOURCES, is_known_dataset
 from data.tasks import TASKS
+from strategies.server_optimizers import SERVER_OPTIMIZERS
 
 
 class ConfigError(ValueError):
@@ -31,6 +33,14 @@ class Rule:
 
 def _one_of(options: tuple[str, ...]) -> Rule:
     return Rule(str, "one of " + ", ".join(repr(o) for o in options), lambda v: v in options)
+
+
+def _valid_server_data(value: str) -> bool:
+    try:
+        parse_server_data(value)
+    except ValueError:
+        return False
+    return True
 
 
 _POSITIVE_INT = Rule(int, "an integer >= 1", lambda v: v >= 1)
@@ -72,7 +82,16 @@ RULES: dict[str, Rule] = {
     "clipping-norm": _POSITIVE_FLOAT,
     "clipping": _one_of(("fixed", "adaptive")),
     "clipping-side": _one_of(("server", "client")),
-    "server-learning-rate": _POSITIVE_FLOAT,
+    "server-learning-rate": Rule(
+        float, "a number >= 0 (0: the server optimiser's default)", lambda v: v >= 0
+    ),
+    "server-optimizer": _one_of(SERVER_OPTIMIZERS),
+    "server-momentum": Rule(float, "a number in [0, 1)", lambda v: 0 <= v < 1),
+    "proximal-mu": Rule(float, "a number >= 0 (0: FedAvg)", lambda v: v >= 0),
+    "server-train-epochs": _NON_NEGATIVE_INT,
+    "server-data": Rule(
+        str, "'' (none) or 'public-slice:<fraction in (0,1) or count>'", _valid_server_data
+    ),
     "client-sampling": _one_of(("poisson", "fixed")),
     "target-delta": _OPEN_UNIT,
     "target-epsilon": Rule(float, "a number >= 0 (0: no budget)", lambda v: v >= 0),
@@ -123,6 +142,11 @@ class RunConfig:
     clipping: str
     clipping_side: str
     server_learning_rate: float
+    server_optimizer: str
+    server_momentum: float
+    proximal_mu: float
+    server_train_epochs: int
+    server_data: str
     client_sampling: str
     target_delta: float
     target_epsilon: float
@@ -189,6 +213,12 @@ def parse_run_config(run_config: Mapping[str, Any]) -> RunConfig:
             )
         values[key.replace("-", "_")] = value
     config = RunConfig(**values)
+    if config.server_train_epochs > 0 and not config.server_data.strip():
+        raise ConfigError(
+            f"run config 'server-train-epochs' = {config.server_train_epochs} needs "
+            "'server-data' (e.g. 'public-slice:0.01'): the server trains only on data "
+            "that is not any client's"
+        )
     if config.fraction_evaluate > 0 and config.min_evaluate_nodes < 1:
         raise ConfigError(
             f"run config 'min-evaluate-nodes' = {config.min_evaluate_nodes} must be "

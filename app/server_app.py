@@ -14,12 +14,18 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from clients.private_layers import private_variable_paths, split_weights
+from clients.server_training import ServerTrainer, make_server_update_fn
 from clients.training import evaluate, get_model
 from clients.weights import get_weights, set_weights
-from data.federation import build_federation, load_server_split
+from data.federation import build_federation, load_server_data, load_server_split
 from strategies.dp_fedavg import DPFedAvg
 from strategies.fedavg import FedAvg, RoundReport, to_arrayrecord, to_numpy
 from strategies.sampling import wait_for_nodes
+from strategies.server_optimizers import (
+    DEFAULT_LEARNING_RATES,
+    ServerOptimizer,
+    make_server_optimizer,
+)
 
 from .checkpoint import (
     Checkpoint,
@@ -62,8 +68,23 @@ class CentralEvaluator:
         return MetricRecord({"central-loss": loss, "central-accuracy": accuracy})
 
 
+def build_server_optimizer(config: RunConfig) -> ServerOptimizer | None:
+    """The server optimiser (Reddi et al. 2021), or None for plain averaging.
+
+    ``server-learning-rate`` 0 means the optimiser's default (sgd and momentum
+    1.0, adam 0.1, yogi 0.01, as Flower's FedAvgM/FedAdam/FedYogi).
+    """
+    name = config.server_optimizer
+    rate = config.server_learning_rate or DEFAULT_LEARNING_RATES[name]
+    if name == "sgd" and rate == 1.0:
+        return None  # x + 1.0 * mean update is the mean itself: FedAvg
+    hyper = {"momentum": config.server_momentum} if name == "momentum" else {}
+    return make_server_optimizer(name, rate, **hyper)
+
+
 def build_strategy(config: RunConfig) -> FedAvg:
-    """FedAvg, or DP-FedAvg when ``strategy='dp-fedavg'``."""
+    """FedAvg, or DP-FedAvg when ``strategy='dp-fedavg'``, with the chosen server optimiser."""
+    optimizer = build_server_optimizer(config)
     common = dict(
         fraction_train=config.fraction_train,
         fraction_evaluate=config.fraction_evaluate,
@@ -73,14 +94,17 @@ def build_strategy(config: RunConfig) -> FedAvg:
         seed=config.seed,
     )
     if config.strategy == "fedavg":
-        return FedAvg(**common)
+        return FedAvg(server_optimizer=optimizer, **common)
+    sgd_rate = config.server_learning_rate or 1.0
     try:
         return DPFedAvg(
             noise_multiplier=config.noise_multiplier,
             clipping_norm=config.clipping_norm,
             clipping=config.clipping,  # type: ignore[arg-type]
             clipping_side=config.clipping_side,  # type: ignore[arg-type]
-            server_learning_rate=config.server_learning_rate,
+            # Noise first, then the optimiser: post-processing of the release.
+            server_learning_rate=sgd_rate if config.server_optimizer == "sgd" else 1.0,
+            server_optimizer=None if config.server_optimizer == "sgd" else optimizer,
             client_sampling=config.client_sampling,  # type: ignore[arg-type]
             target_delta=config.target_delta,
             target_epsilon=config.target_epsilon or None,
@@ -110,6 +134,9 @@ def round_entry(report: RoundReport, strategy: FedAvg | None = None) -> dict[str
         entry["elapsed-s"] = round(report.elapsed_s, 3)
         if isinstance(strategy, DPFedAvg):
             entry.update(strategy.last_round_privacy)
+        trainer = getattr(strategy, "server_update_fn", None)
+        if isinstance(trainer, ServerTrainer) and trainer.last_loss is not None:
+            entry["server-train-loss"] = trainer.last_loss
     return entry
 
 
@@ -155,6 +182,24 @@ def main(grid: Grid, context: Context) -> None:
             "Central evaluation uses the shared weights with the seeded initial "
             "values of the %d private variables",
             len(private_paths),
+        )
+
+    server_data = load_server_data(federation_spec(config, 1))
+    strategy.server_update_fn = make_server_update_fn(
+        evaluator.model,
+        server_data,
+        epochs=config.server_train_epochs,
+        batch_size=config.batch_size,
+        learning_rate=config.learning_rate,
+        seed=config.seed,
+    )
+    if strategy.server_update_fn is not None and server_data is not None:
+        log(
+            INFO,
+            "Server fine-tunes each new global model for %d epoch(s) on %d public "
+            "samples (held out from every client and from the test set)",
+            config.server_train_epochs,
+            len(server_data),
         )
 
     metrics_log = MetricsLog(run_dir / "metrics.json", config.as_dict(), kept)

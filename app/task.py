@@ -21,6 +21,7 @@ def federation_spec(config: RunConfig, num_partitions: int) -> FederationSpec:
         dirichlet_alpha=config.dirichlet_alpha,
         shards_per_client=config.shards_per_client,
         val_fraction=config.val_fraction,
+        server_data=config.server_data,
     )
 
 

@@ -49,14 +49,12 @@ Batches are Poisson-sampled (each example joins each step with probability
 batch size ``q n``. The step is a ``tf.function`` whose batch dimension is
 ``None``, so variable batch sizes do not retrace it (one trace per model).
 
-Noise comes from a ``tf.random.Generator`` (Philox, Box-Muller:
-:func:`standard_normal`), seeded for tests or from OS entropy otherwise, as
-in tensorflow-privacy's queries; like theirs, a floating-point Gaussian
-sampler is not hardened against the attacks of Mironov (2012), "On
-Significance of the Least Significant Bits for Differential Privacy". One
-draw per parameter per step is an inherent cost of DP-SGD: for a model whose
-parameters sit in a large Dense layer (the FedAvg CNN) it is of the order of
-the whole non-private step (bench/results/dp_sgd_epoch.md).
+Noise is drawn with NumPy (:class:`GaussianNoise`: PCG64 uniforms,
+Box-Muller into reused buffers), seeded for tests or from OS entropy
+otherwise, and passed into the traced step. One draw per parameter per step
+is an inherent cost of DP-SGD: for a model whose parameters sit in one large
+Dense layer (the FedAvg CNN: 1.6M of its 1.66M) it is a sizeable part of the
+non-private step (bench/results/dp_sgd_epoch.md).
 
 Examples whose gradient is not finite get clip factor 0 (dropped from the
 sum) rather than poisoning it; the bound on each example's contribution,
@@ -84,9 +82,6 @@ if TYPE_CHECKING:  # pragma: no cover
 Method = Literal["auto", "ghost", "vectorized"]
 METHODS: tuple[str, ...] = ("auto", "ghost", "vectorized")
 LossFn = Callable[["tf.Tensor", "tf.Tensor"], "tf.Tensor"]
-
-NOISE_BLOCK_FLOATS = 1 << 21
-"""Most standard normals drawn in one call (8 MiB): several steps' noise for small models."""
 
 # Layers that mix the examples of a batch: no per-example gradient exists.
 _BATCH_MIXING = ("BatchNormalization", "SyncBatchNormalization", "GroupNormalization")
@@ -456,19 +451,15 @@ class DPSGDTrainer:
             autograph=False,
         )
         hyper = tf.TensorSpec([4], tf.float32)  # clip, noise multiplier, lr, denominator
-        block = tf.TensorSpec([None, self._num_params], tf.float32)
-        row = tf.TensorSpec([], tf.int32)
+        flat = tf.TensorSpec([self._num_params], tf.float32)  # N(0, 1) per parameter
         self._step_fn = tf.function(
-            self._step, input_signature=[x_spec, y_spec, hyper, block, row], autograph=False
+            self._step, input_signature=[x_spec, y_spec, hyper, flat], autograph=False
         )
         self._noise_fn = tf.function(
-            self._noise_only, input_signature=[hyper, block, row], autograph=False
+            self._noise_only, input_signature=[hyper, flat], autograph=False
         )
-        self._block_fn = tf.function(self._noise_block, input_signature=[row], autograph=False)
-        self._block: tf.Tensor | None = None
-        self._row = 0
         self._noisy_sum_fn = tf.function(
-            self._noisy_sum, input_signature=[x_spec, y_spec, scalar, scalar],
+            self._noisy_sum, input_signature=[x_spec, y_spec, scalar, scalar, flat],
             autograph=False,
         )
         if self.method == "ghost":
@@ -477,16 +468,8 @@ class DPSGDTrainer:
                 log(INFO, "DP-SGD: per-example fallback for layers %s", fallback)
 
     def set_seed(self, seed: int | None) -> None:
-        """Reseed the noise generator (``None``: OS entropy); drops pre-drawn noise."""
-        import tensorflow as tf
-
-        self._block = None
-
-        self._rng = (
-            tf.random.Generator.from_non_deterministic_state()
-            if seed is None
-            else tf.random.Generator.from_seed(seed)
-        )
+        """Reseed the noise source (``None``: OS entropy)."""
+        self._noise = GaussianNoise(self._num_params, seed)
 
     # ---- traced pieces
 
@@ -564,54 +547,29 @@ class DPSGDTrainer:
         for variable, noisy in zip(self.variables, self._noisy(sums, clip, noise, flat)):
             variable.assign_sub(learning_rate * noisy / denominator)
 
-    def _noise_block(self, count: tf.Tensor) -> tf.Tensor:
-        """``(count, P)`` standard normals: the noise of ``count`` steps in one draw."""
-        import tensorflow as tf
-
-        return tf.reshape(
-            standard_normal(self._rng, count * self._num_params), [count, self._num_params]
-        )
-
     def _noisy_sum(
-        self, x: tf.Tensor, y: tf.Tensor, clip: tf.Tensor, noise: tf.Tensor
+        self, x: tf.Tensor, y: tf.Tensor, clip: tf.Tensor, noise: tf.Tensor, flat: tf.Tensor
     ) -> list[tf.Tensor]:
         sums, _ = self._clipped_sum_and_loss(x, y, clip)
-        return self._noisy(sums, clip, noise, standard_normal(self._rng, self._num_params))
+        return self._noisy(sums, clip, noise, flat)
 
     def _step(
-        self, x: tf.Tensor, y: tf.Tensor, hyper: tf.Tensor, block: tf.Tensor, row: tf.Tensor
+        self, x: tf.Tensor, y: tf.Tensor, hyper: tf.Tensor, flat: tf.Tensor
     ) -> tf.Tensor:
         import tensorflow as tf
 
         clip, noise, learning_rate, denominator = tf.unstack(hyper)
         sums, losses = self._clipped_sum_and_loss(x, y, clip)
-        self._apply(sums, clip, noise, learning_rate, denominator, block[row])
+        self._apply(sums, clip, noise, learning_rate, denominator, flat)
         return tf.reduce_sum(_zero_nonfinite(losses))
 
-    def _noise_only(self, hyper: tf.Tensor, block: tf.Tensor, row: tf.Tensor) -> tf.Tensor:
+    def _noise_only(self, hyper: tf.Tensor, flat: tf.Tensor) -> tf.Tensor:
         import tensorflow as tf
 
         clip, noise, learning_rate, denominator = tf.unstack(hyper)
         zeros = [tf.zeros(v.shape) for v in self.variables]
-        self._apply(zeros, clip, noise, learning_rate, denominator, block[row])
+        self._apply(zeros, clip, noise, learning_rate, denominator, flat)
         return tf.constant(0.0)
-
-    def _next_noise(self, upcoming: int) -> tuple[tf.Tensor, np.int32]:
-        """A block of pre-drawn step noise and the row for this step.
-
-        Drawing the noise of several steps in one call halves its cost for
-        small models (per-call overhead); blocks hold at most
-        ``NOISE_BLOCK_FLOATS`` numbers and at most ``upcoming`` steps. Each
-        row is used once; the noise does not depend on the data, so drawing
-        it ahead changes nothing in the mechanism.
-        """
-        if self._block is None or self._row >= int(self._block.shape[0]):
-            count = max(1, min(upcoming, NOISE_BLOCK_FLOATS // self._num_params))
-            self._block = self._block_fn(np.int32(count))
-            self._row = 0
-        row = np.int32(self._row)
-        self._row += 1
-        return self._block, row
 
     # ---- public API
 
@@ -630,7 +588,7 @@ class DPSGDTrainer:
         """:meth:`clipped_gradient_sum` plus ``N(0, (z C)^2)`` per coordinate."""
         sums = self._noisy_sum_fn(
             np.asarray(x, np.float32), np.asarray(y, np.int64),
-            np.float32(clipping_norm), np.float32(noise_multiplier),
+            np.float32(clipping_norm), np.float32(noise_multiplier), self._noise.draw(),
         )
         return [t.numpy() for t in sums]
 
@@ -643,24 +601,21 @@ class DPSGDTrainer:
         noise_multiplier: float,
         learning_rate: float,
         denominator: float,
-        upcoming: int = 1,
     ) -> float:
         """One DP-SGD update from batch ``(x, y)``; returns the batch's summed loss.
 
         ``denominator`` is the expected batch size ``q n`` (not ``len(x)``).
         An empty batch still takes the noise-only step the accountant counts.
-        ``upcoming`` (steps still to come, this one included) only sizes the
-        next block of pre-drawn noise.
         """
         hyper = _hyper(clipping_norm, noise_multiplier, learning_rate, denominator)
-        return self._step_hyper(x, y, hyper, upcoming)
+        return self._step_hyper(x, y, hyper)
 
-    def _step_hyper(self, x: np.ndarray, y: np.ndarray, hyper: tf.Tensor, upcoming: int) -> float:
-        block, row = self._next_noise(upcoming)
+    def _step_hyper(self, x: np.ndarray, y: np.ndarray, hyper: tf.Tensor) -> float:
+        flat = self._noise.draw()
         if len(y) == 0:
-            return float(self._noise_fn(hyper, block, row))
+            return float(self._noise_fn(hyper, flat))
         return float(
-            self._step_fn(np.asarray(x, np.float32), np.asarray(y, np.int64), hyper, block, row)
+            self._step_fn(np.asarray(x, np.float32), np.asarray(y, np.int64), hyper, flat)
         )
 
     def train(
@@ -684,7 +639,7 @@ class DPSGDTrainer:
         loss_sum, loss_count = 0.0, 0
         hyper = _hyper(clipping_norm, noise_multiplier, learning_rate, denominator)
         for index, batch in enumerate(poisson_batches(n, batch_size, steps, rng)):
-            batch_loss = self._step_hyper(data.x[batch], data.y[batch], hyper, steps - index)
+            batch_loss = self._step_hyper(data.x[batch], data.y[batch], hyper)
             if index >= steps - window:
                 loss_sum += batch_loss
                 loss_count += len(batch)
@@ -709,24 +664,51 @@ def _hyper(
     )
 
 
-def standard_normal(rng: tf.random.Generator, size: int | tf.Tensor) -> tf.Tensor:
-    """``size`` i.i.d. N(0, 1) float32 samples by Box-Muller on Philox uniforms.
+class GaussianNoise:
+    """Standard normal float32 vectors of one size, drawn into reused buffers.
 
-    The same construction as TensorFlow's own CPU normal kernel (Philox
-    counter-based uniforms, Box-Muller in float32, so tails are cut near
-    5.7 sigma as there), written with vectorised element-wise ops: it takes
-    about two thirds of the CPU time of ``Generator.normal``, which matters
-    because DP-SGD draws one sample per parameter per step.
+    Box-Muller on PCG64 uniforms (NumPy), with ``1 - u`` in ``(2^-24, 1]`` so
+    the radius is finite and tails are cut at about 5.8 sigma, as in
+    TensorFlow's own float32 normal kernel (Philox + Box-Muller, cut at
+    ``u >= 1e-7``). Working in place in preallocated buffers avoids the page
+    faults of fresh multi-megabyte tensors, which made ``tf.random`` cost
+    2-3x as much per draw here; DP-SGD draws one number per parameter per
+    step, a large share of its cost (bench/results/dp_sgd_epoch.md).
+
+    Like tensorflow-privacy's noise (and any floating-point sampler), it is
+    not hardened against the least-significant-bit attack of Mironov (2012).
+
+    Parameters
+    ----------
+    size : int
+        Length of each vector.
+    seed : int, optional
+        Seed for reproducible tests; OS entropy when ``None``.
     """
-    import math
 
-    import tensorflow as tf
+    def __init__(self, size: int, seed: int | None = None) -> None:
+        self.size = size
+        half = (size + 1) // 2
+        self._rng = np.random.default_rng(seed)
+        self._uniform = np.empty((2, half), np.float32)
+        self._out = np.empty(2 * half, np.float32)
 
-    half = (size + 1) // 2
-    u = rng.uniform([2, half], dtype=tf.float32)  # [0, 1)
-    radius = tf.sqrt(-2.0 * tf.math.log1p(-u[0]))  # 1 - u in (0, 1]
-    angle = (2.0 * math.pi) * u[1]
-    return tf.concat([radius * tf.cos(angle), radius * tf.sin(angle)], 0)[:size]
+    def draw(self) -> np.ndarray:
+        """The next vector: a view into a buffer that the next draw overwrites."""
+        uniform, out = self._uniform, self._out
+        half = uniform.shape[1]
+        self._rng.random(out=uniform, dtype=np.float32)  # [0, 1)
+        radius, angle = uniform[0], uniform[1]
+        np.negative(radius, out=radius)
+        np.log1p(radius, out=radius)  # log(1 - u), finite
+        radius *= np.float32(-2.0)
+        np.sqrt(radius, out=radius)
+        angle *= np.float32(2.0 * np.pi)
+        np.cos(angle, out=out[:half])
+        np.sin(angle, out=out[half:])
+        out[:half] *= radius
+        out[half:] *= radius
+        return out[: self.size]
 
 
 def _clip_factors(norms: tf.Tensor, clip: tf.Tensor) -> tf.Tensor:

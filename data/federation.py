@@ -34,6 +34,7 @@ class FederationSpec:
     dirichlet_alpha: float = 0.5
     shards_per_client: int = 2
     val_fraction: float = 0.1
+    server_data: str = ""
 
 
 @dataclass(frozen=True)
@@ -115,12 +116,35 @@ def load_server_split(
     return train, test
 
 
+def client_pool(train: LabeledData, spec: FederationSpec) -> LabeledData:
+    """The training data left to the clients once the server's public slice is held out."""
+    from .public_slice import parse_server_data, split_public_slice
+
+    server_data = parse_server_data(spec.server_data)
+    if server_data is None:
+        return train
+    return split_public_slice(train, server_data.size, spec.seed)[0]
+
+
+@lru_cache(maxsize=4)
+def load_server_data(spec: FederationSpec) -> LabeledData | None:
+    """The server's own (public) training data, disjoint from every client and the test set."""
+    from .public_slice import parse_server_data, split_public_slice
+
+    server_data = parse_server_data(spec.server_data)
+    if server_data is None:
+        return None
+    train, _ = load_server_split(spec.dataset, spec.data_path, spec.test_fraction, spec.seed)
+    return split_public_slice(train, server_data.size, spec.seed)[1]
+
+
 @lru_cache(maxsize=4)
 def build_federation(spec: FederationSpec) -> Federation:
     """Hold out the server's test set, then partition the rest over the clients."""
     train, test = load_server_split(
         spec.dataset, spec.data_path, spec.test_fraction, spec.seed
     )
+    train = client_pool(train, spec)
     partitions = partition_indices(
         train.y,
         spec.num_partitions,
