@@ -351,7 +351,7 @@ def x(values: list[float]) -> str:
     return Samples(values).fmt(1.0, 3) if values else "-"
 
 
-def render(cells: list[dict], started: float, partial: bool) -> None:
+def render(cells: list[dict], started: float, partial: bool, command: str | None = None) -> None:
     fedavg_rows, dp_rows, before_rows, skipped_rows = [], [], [], []
     for c in cells:
         s, v, f = c["seconds"], c["vs-floor"], c["flower-over-ours"]
@@ -374,6 +374,18 @@ def render(cells: list[dict], started: float, partial: bool) -> None:
         skipped_rows.append([label, "(payload pool)",
                              f"{c['distinct-payloads']} distinct payloads for {c['clients']} "
                              f"replies, {c['repeats']} repeats, load {c['load']}"])
+    target_rows = []
+    for c in cells:
+        v, f = c["vs-floor"], c["flower-over-ours"]
+        of, ff = Samples(v["ours"]).median, Samples(v["ours-fused"]).median
+        fo, fof = Samples(f["fedavg"]).median, Samples(f["fedavg-fused"]).median
+        target_rows.append([
+            f"{c['clients']} x {c['model']}",
+            f"{of:.2f} {'met' if of <= 1.5 else '**missed**'}",
+            f"{ff:.2f} {'met' if ff <= 1.5 else '**missed**'}",
+            f"{fo:.2f} {'met' if fo >= 4 else '**missed**'}",
+            f"{fof:.2f} {'met' if fof >= 4 else '**missed**'}",
+        ])
     body = (
         ("**Partial: the run is still going.**\n\n" if partial else "")
         + "Time per aggregation of one round's replies, milliseconds, median (min-max) over "
@@ -400,10 +412,28 @@ def render(cells: list[dict], started: float, partial: bool) -> None:
         "wrapper runs without an accountant."
         + "\n\n## Before / after (our FedAvg aggregate_train)\n\n"
         + table(["clients x params", "before ms", "after ms", "before / after"], before_rows)
+        + "\n\n## Targets (issue #10): within 1.5x of the floor, at least 4x faster than Flower\n\n"
+        + table(["cell", "ours / floor", "ours-fused / floor", "Flower / ours",
+                 "Flower / ours-fused"], target_rows)
+        + "\n\nWhy the targets are missed where they are: (1) the floor is one numpy call "
+        "per reply array on already-decoded arrays, while a strategy must also walk every "
+        "reply Message (Flower's record containers, metadata checks, the MetricRecord): tens "
+        "of microseconds of Python per reply, which dominates small models (100k parameters). "
+        "(2) A weighted mean needs a multiply and an add per element; numpy has no fused "
+        "multiply-add ufunc, so the blocked kernel makes two passes over each cache-resident "
+        "block where the floor makes one (the reply bytes are still read from memory once). "
+        "(3) `ours` validates NaN/Inf in a separate pass over every reply before averaging "
+        "(as `strategies/fedavg.py` calls it); `ours-fused` folds that check into the "
+        "averaging pass. (4) Flower's own path is only 3-10x the floor here, so '4x faster "
+        "than Flower' asks for about the floor itself. On this shared 2-core machine the "
+        "repeats spread 2-5x (see min-max), so single cells can flip either way; the "
+        "largest cell, where the bytes come from DRAM and per-message overhead vanishes, is "
+        "where the kernel's cost shows best.\n"
         + "\n\n## Skipped contenders and cell notes\n\n"
         + table(["cell", "contender", "why"], skipped_rows)
     )
-    write_results(NAME, "Aggregation: ours vs Flower's built-ins", body, started=started)
+    write_results(NAME, "Aggregation: ours vs Flower's built-ins", body, started=started,
+                  command=command)
     write_json(NAME, cells)
 
 
@@ -417,7 +447,18 @@ def main() -> None:
     parser.add_argument("--payload-budget-gb", type=float, default=1.5)
     parser.add_argument("--copy-budget-gb", type=float, default=4.5)
     parser.add_argument("--dp-max-gb", type=float, default=4.5)
+    parser.add_argument("--render-only", action="store_true",
+                        help="re-render the Markdown from results/aggregation.json")
     args = parser.parse_args()
+    if args.render_only:
+        import json
+
+        cells = json.loads((Path(__file__).parent / "results" / f"{NAME}.json").read_text())
+        render(cells, time.time(), partial=False,
+               command="uv run python bench/aggregation.py (the figures; this text re-rendered "
+                       "from the JSON with --render-only, so the date and load lines below are the "
+                       "re-render's; each cell's own load is in the last table)")
+        return
     if args.quick:
         args.clients, args.models = [10, 100], ["100k", "1.7M"]
     logging.getLogger("flwr").setLevel(logging.WARNING)

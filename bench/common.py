@@ -178,7 +178,7 @@ def command_line() -> str:
 
 
 def write_results(name: str, title: str, body: str, *, started: float | None = None,
-                  extra_header: str = "") -> Path:
+                  extra_header: str = "", command: str | None = None) -> Path:
     """Write ``bench/results/<name>.md``: command, machine, date, load, then ``body``."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.md"
@@ -186,7 +186,7 @@ def write_results(name: str, title: str, body: str, *, started: float | None = N
     elapsed = "" if started is None else f"- Script wall time so far: {time.time() - started:.0f} s\n"
     text = (
         f"# {title}\n\n"
-        f"- Command: `{command_line()}`\n"
+        f"- Command: `{command or command_line()}`\n"
         f"- Machine: {machine()}\n"
         f"- Date: {now}\n"
         f"- Load average at write: {load_text()}\n"
@@ -315,7 +315,16 @@ BACKEND_CONFIG = {"client_resources": {"num_cpus": 2, "num_gpus": 0.0}}
 
 
 def _bench_run_config() -> dict[str, Any]:
-    return json.loads(os.environ[ENV_RUN_CONFIG])
+    """The bench's run config on top of the app's defaults as they are now.
+
+    The app's config keys can change while a long benchmark runs (other
+    developers edit ``pyproject.toml`` and ``app/config.py``); each run takes
+    the current defaults and the bench's values for the keys that still exist.
+    """
+    config = default_run_config()
+    wanted = json.loads(os.environ[ENV_RUN_CONFIG])
+    config.update({key: value for key, value in wanted.items() if key in config})
+    return config
 
 
 def _record(kind: str, **fields: Any) -> None:
@@ -544,6 +553,7 @@ class SimulationRun:
     output_dir: Path
     returncode: int
     log_tail: str
+    failed_attempts: list[str] = field(default_factory=list)
 
     def rounds_from_metrics(self) -> list[dict[str, Any]]:
         """The ``metrics.json`` rounds our ServerApp wrote (empty for Flower's ServerApp)."""
@@ -553,7 +563,25 @@ class SimulationRun:
 
 
 def simulate(server: str, client: str, config: dict[str, Any], num_supernodes: int,
-             timeout: float = 3600, workdir: Path | None = None) -> SimulationRun:
+             timeout: float = 3600, retries: int = 1) -> SimulationRun:
+    """:func:`simulate_once`, run again (up to ``retries`` times) if it failed.
+
+    On a busy machine Ray sometimes fails to start its node ("timed out during
+    startup"); that says nothing about the app, so such a run is repeated.
+    Failed attempts are kept in the returned run's ``failed_attempts``.
+    """
+    failed: list[str] = []
+    for _ in range(retries + 1):
+        run = simulate_once(server, client, config, num_supernodes, timeout)
+        if run.returncode == 0:
+            break
+        failed.append(run.log_tail[-500:])
+    run.failed_attempts = failed
+    return run
+
+
+def simulate_once(server: str, client: str, config: dict[str, Any], num_supernodes: int,
+                  timeout: float = 3600, workdir: Path | None = None) -> SimulationRun:
     """Run ``flwr.simulation.run_simulation`` in a fresh child process and measure it.
 
     ``server``: ``ours`` (the app's ServerApp) or ``flower`` (Flower's FedAvg);
@@ -577,6 +605,7 @@ def simulate(server: str, client: str, config: dict[str, Any], num_supernodes: i
     log_path = workdir / "child.log"
     start = time.perf_counter()
     peak = 0.0
+    failure = ""
     with log_path.open("wb") as log:
         child = subprocess.Popen(
             [sys.executable, "-m", "bench.common", "child", server, client,
@@ -584,21 +613,28 @@ def simulate(server: str, client: str, config: dict[str, Any], num_supernodes: i
             cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
         try:
+            checked = 0
             while child.poll() is None:
                 peak = max(peak, _tree_rss_mib(child.pid))
                 if time.perf_counter() - start > timeout:
-                    raise TimeoutError(f"simulation ran over {timeout} s")
+                    failure = f"ran over {timeout} s"
+                    break
+                checked += 1
+                if checked % 20 == 0 and b"Simulation Runtime crashed" in log_path.read_bytes():
+                    # Ray failed (e.g. its node timed out starting on a busy machine): the
+                    # ServerApp thread would wait out every round's timeout for nothing.
+                    failure = "the simulation engine crashed"
+                    break
                 time.sleep(0.5)
         finally:
             if child.poll() is None:
                 os.killpg(child.pid, 9)
                 child.wait()
-            else:
-                # Ray daemons of this child's session that outlived it.
-                try:
-                    os.killpg(child.pid, 15)
-                except ProcessLookupError:
-                    pass
+            # Ray daemons of this child's session that outlived it.
+            try:
+                os.killpg(child.pid, 9)
+            except ProcessLookupError:
+                pass
     wall = time.perf_counter() - start
     events = []
     if timing.exists():
@@ -607,7 +643,10 @@ def simulate(server: str, client: str, config: dict[str, Any], num_supernodes: i
     if result_file.exists():
         sim_s = json.loads(result_file.read_text())["sim_s"]
     tail = log_path.read_text(errors="replace")[-3000:]
-    return SimulationRun(wall, sim_s, peak, events, output_dir, child.returncode, tail)
+    returncode = child.returncode if not failure else -1
+    if failure:
+        tail = f"[bench] stopped: {failure}\n" + tail
+    return SimulationRun(wall, sim_s, peak, events, output_dir, returncode, tail)
 
 
 def _child_main(argv: list[str]) -> None:
@@ -701,6 +740,7 @@ def summarize(run: SimulationRun) -> dict[str, Any]:
         ),
         "warmup_s": (round_s[0] - steady_median) if round_s else float("nan"),
         "workdir": str(run.output_dir.parent),
+        "failed_attempts": len(run.failed_attempts),
         "events": run.events,
         "metrics_rounds": metrics_rounds,
     }

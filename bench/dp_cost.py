@@ -98,8 +98,17 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--render-only", action="store_true",
+                        help=f"re-render the table from results/{NAME}.json")
     parser.add_argument("--timeout", type=float, default=1800)
     args = parser.parse_args()
+    if args.render_only:
+        import json
+
+        args.load_at_start = "(re-rendered from the JSON; each run's load is in the JSON)"
+        render(json.loads((Path(__file__).parent / "results" / f"{NAME}.json").read_text()),
+               args, time.time(), partial=False)
+        return
     if args.repeats < 2:
         sys.exit("--repeats must be at least 2 (never a single timing)")
     args.load_at_start = load_text()

@@ -158,7 +158,8 @@ def measure(runs: dict[str, Callable[[], object]], repeats: int, inner: int = 1)
 
 
 def fmt(values: list[float]) -> str:
-    return f"{np.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
+    """``median (min-max)`` in seconds, 3 decimals."""
+    return f"{np.median(values):.3f} ({min(values):.3f}-{max(values):.3f})"
 
 
 def ratio(times: dict[str, list[float]], name: str, base: str) -> str:
@@ -181,7 +182,7 @@ def table(results: dict[str, Times], params: dict[str, int]) -> str:
                 vs = [ratio(wall, name, "fit"), ratio(wall, name, "loop"), ratio(cpu, name, "loop")]
             lines.append(
                 f"| {model_name} | {params[model_name]:,} | {name} | {fmt(wall[name])} "
-                f"| {np.median(cpu[name]):.2f} | {' | '.join(vs)} |"
+                f"| {np.median(cpu[name]):.3f} | {' | '.join(vs)} |"
             )
     return "\n".join(lines)
 

@@ -84,7 +84,9 @@ def accuracy(model, x: np.ndarray, y: np.ndarray) -> float:
     return float(np.mean(np.argmax(out, axis=1) == y))
 
 
-def run(target: float, epochs: int, lr: float, args: argparse.Namespace, data) -> dict:
+def run(
+    target: float, epochs: int, lr: float, noise: float | None, args: argparse.Namespace, data
+) -> dict:
     from clients.dp_sgd import DPSGDTrainer
     from clients.models import build_cnn
     from clients.sample_privacy import sample_epsilon
@@ -92,7 +94,7 @@ def run(target: float, epochs: int, lr: float, args: argparse.Namespace, data) -
 
     x_train, y_train, x_test, y_test = data
     n = len(x_train)
-    z = calibrate(target, n, args.batch_size, epochs, args.delta)
+    z = noise if noise is not None else calibrate(target, n, args.batch_size, epochs, args.delta)
     eps = sample_epsilon(n, args.batch_size, epochs, 1, z, args.delta)
     model = tfp_cnn(args.seed) if args.model == "tfp" else build_cnn((28, 28, 1), 10, seed=args.seed)
     trainer = DPSGDTrainer(model, seed=args.seed)
@@ -116,6 +118,10 @@ def main() -> None:
     parser.add_argument("--targets", type=float, nargs="+", default=[1.0, 3.0, 8.0])
     parser.add_argument("--epochs", type=int, nargs="+", default=[10, 15, 15])
     parser.add_argument("--learning-rates", type=float, nargs="+", default=[0.32, 0.25, 0.4])
+    parser.add_argument(
+        "--noise-multipliers", type=float, nargs="+", default=None,
+        help="fixed noise multipliers (e.g. a published recipe) instead of calibrating to --targets",
+    )
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--clip", type=float, default=1.0)
     parser.add_argument("--delta", type=float, default=1e-5)
@@ -132,11 +138,15 @@ def main() -> None:
 
     data = load(args.samples)
     rows = []
-    for target, epochs, lr in zip(args.targets, args.epochs, args.learning_rates):
-        rows.append(run(target, epochs, lr, args, data))
+    noises = args.noise_multipliers or [None] * len(args.targets)
+    if len(noises) != len(args.targets):
+        parser.error("--noise-multipliers needs one value per run")
+    for target, epochs, lr, noise in zip(args.targets, args.epochs, args.learning_rates, noises):
+        rows.append(run(target, epochs, lr, noise, args, data))
     lines = [
         f"Command: `uv run python bench/mnist_dp_sgd.py` with targets {args.targets}, "
-        f"epochs {args.epochs}, learning rates {args.learning_rates}, model {args.model}, "
+        f"epochs {args.epochs}, learning rates {args.learning_rates}, "
+        f"noise {args.noise_multipliers or 'calibrated'}, model {args.model}, "
         f"batch {args.batch_size} (Poisson), clip {args.clip}, delta {args.delta}, "
         f"{args.samples} training samples, seed {args.seed}  ",
         f"Date: {dt.datetime.now().isoformat(timespec='minutes')}; {platform.machine()}, "

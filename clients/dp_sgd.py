@@ -534,18 +534,19 @@ class DPSGDTrainer:
         """``sums`` plus ``z C`` times the standard normal vector ``flat``, split per variable."""
         import tensorflow as tf
 
+        std = noise * clip
         chunks = tf.split(flat, self._sizes)
         return [
-            total + (noise * clip) * tf.reshape(chunk, total.shape)
-            for total, chunk in zip(sums, chunks)
+            total + std * tf.reshape(chunk, total.shape) for total, chunk in zip(sums, chunks)
         ]
 
     def _apply(
         self, sums: Sequence[tf.Tensor], clip: tf.Tensor, noise: tf.Tensor,
         learning_rate: tf.Tensor, denominator: tf.Tensor, flat: tf.Tensor,
     ) -> None:
+        scale = learning_rate / denominator
         for variable, noisy in zip(self.variables, self._noisy(sums, clip, noise, flat)):
-            variable.assign_sub(learning_rate * noisy / denominator)
+            variable.assign_sub(scale * noisy)
 
     def _noisy_sum(
         self, x: tf.Tensor, y: tf.Tensor, clip: tf.Tensor, noise: tf.Tensor, flat: tf.Tensor

@@ -12,6 +12,7 @@ keras = pytest.importorskip("keras")
 
 from clients.dp_sgd import (  # noqa: E402
     DPSGDTrainer,
+    GaussianNoise,
     default_loss_fn,
     dp_sgd_train,
     get_trainer,
@@ -117,7 +118,7 @@ MODELS = {"cnn": small_cnn, "mlp": small_mlp, "assorted": assorted_model, "dilat
 )
 def test_clipped_sum_equals_slow_per_example_reference(name: str, method: str) -> None:
     model = MODELS[name]()
-    x, y = batch_for(model, 9)
+    x, y = batch_for(model, 6)
     grads = per_example_gradients(model, x, y)
     clip = float(np.median(norms(grads)))  # about half the examples are clipped
     want = clipped_reference_sum(grads, clip)
@@ -176,6 +177,21 @@ def test_noise_std_on_batch_sum_is_noise_multiplier_times_clip() -> None:
     assert abs(np.mean(noise)) < 4 * z * clip / math.sqrt(noise.size)
     # Gaussian shape: about 68.3% within one std.
     assert np.mean(np.abs(noise) < z * clip) == pytest.approx(0.683, abs=0.02)
+
+
+def test_gaussian_noise_source_is_standard_normal() -> None:
+    from scipy import stats
+
+    source = GaussianNoise(200_001, seed=3)  # odd size: Box-Muller pairs, one dropped
+    first = source.draw().copy()
+    second = source.draw()
+    assert first.shape == (200_001,) and first.dtype == np.float32
+    assert not np.allclose(first[:100], second[:100])  # fresh numbers each draw
+    assert abs(first.mean()) < 4 / math.sqrt(first.size)
+    assert first.std() == pytest.approx(1.0, abs=0.01)
+    assert np.mean(np.abs(first) > 2) == pytest.approx(0.0455, abs=0.002)  # two-sided tail
+    assert stats.kstest(first, "norm").pvalue > 0.01
+    np.testing.assert_array_equal(GaussianNoise(10, seed=1).draw(), GaussianNoise(10, seed=1).draw())
 
 
 def test_empty_batch_step_is_pure_noise_with_that_std() -> None:

@@ -63,7 +63,7 @@ def test_sample_epsilon_matches_independent_dp_accounting(
     assert got == pytest.approx(independent_epsilon(n, batch, epochs, rounds, z, DELTA), rel=1e-9)
     # PLD accounting of the same event is tighter, and not far off.
     q, steps = batch / n, rounds * math.ceil(epochs * n / batch)
-    pld = PLDAccountant().compose(
+    pld = PLDAccountant(value_discretization_interval=1e-3).compose(
         dp_accounting.SelfComposedDpEvent(
             dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z)), steps
         )
