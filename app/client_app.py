@@ -16,6 +16,7 @@ from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, Record
 from flwr.clientapp import ClientApp
 from flwr.common.logger import log
 
+from clients.dp_sgd import dp_sgd_train
 from clients.private_layers import (
     PrivateWeightLeak,
     guard_outgoing,
@@ -23,11 +24,13 @@ from clients.private_layers import (
     split_weights,
 )
 from clients.proximal import local_seed, train_proximal
+from clients.sample_privacy import SampleDPRound, reply_metrics
 from clients.training import ModelSpec, get_model, initial_weights, train_locally
 from clients.training import evaluate as evaluate_model
 from clients.weights import get_weights, set_weights
 from data.dataset import LabeledData
 from data.federation import load_client_data
+from data.node_files import load_node_data, node_data
 from data.tasks import apply_task, task_of
 from strategies.clipping import clip_to_reference
 from strategies.dp_fedavg import (
@@ -40,12 +43,16 @@ from strategies.local_dp import privatize_arrays
 
 from .config import parse_run_config
 from .private_state import load_private, save_private
+from .sample_ledger import METRIC_SAMPLE_EPSILON_ALL_RUNS, load_ledger, record_round
 from .task import federation_spec, model_spec
 
 app = ClientApp()
 
 # Error code of a reply refused by the private-weight guard.
 PRIVATE_WEIGHT_LEAK = 100
+# Error code of a client that stopped training: another round of DP-SGD
+# would take its sample-level epsilon past target-sample-epsilon.
+SAMPLE_BUDGET_EXHAUSTED = 101
 
 
 @dataclass(frozen=True)
@@ -72,18 +79,22 @@ def local_setup(context: Context) -> LocalSetup:
     """This node's data, task and model, from the run config and the node config.
 
     In simulation Flower sets ``partition-id`` and ``num-partitions``; a
-    deployed SuperNode gets them from ``--node-config``: one code path.
+    deployed SuperNode gets them, or ``data-path`` (an institution's own
+    file, loaded alone and not partitioned), from ``--node-config``: one code
+    path (:mod:`data.node_files`).
     """
     config = parse_run_config(context.run_config)
-    try:
-        partition_id = int(context.node_config["partition-id"])
-        num_partitions = int(context.node_config["num-partitions"])
-    except KeyError as missing:
-        raise ValueError(
-            f"node config has no {missing}; start the SuperNode with "
-            "--node-config \"partition-id=K num-partitions=N\""
-        ) from None
-    train, val = load_client_data(federation_spec(config, num_partitions), partition_id)
+    source = node_data(context.node_config)
+    partition_id = source.partition_id
+    if source.data_path is not None:
+        train, val = load_node_data(
+            config.dataset, source.data_path, config.val_fraction, config.seed, partition_id
+        )
+    else:
+        assert source.num_partitions is not None
+        train, val = load_client_data(
+            federation_spec(config, source.num_partitions), partition_id
+        )
     task = task_of(partition_id, config.client_tasks)
     train, val = apply_task(train, task), apply_task(val, task)
     spec = model_spec(config, train)
@@ -151,14 +162,52 @@ def train(msg: Message, context: Context) -> Message:
     set_weights(model, {**global_arrays, **private_part(context, setup)})
     config = msg.content["config"]
     run_config = parse_run_config(context.run_config)
-    if run_config.proximal_mu > 0:
+    epochs, batch_size = int(config["local-epochs"]), int(config["batch-size"])
+    learning_rate = float(config["learning-rate"])
+    metrics: dict[str, float | int] = {}
+    loss: float | None
+    if run_config.dp_sgd:
+        # DP-SGD (Abadi et al. 2016): sample-level privacy of this node's records.
+        run_key = str(config["run-key"]) if "run-key" in config else None
+        ledger = load_ledger(context, run_config.target_sample_delta, run_key)
+        spec = SampleDPRound(
+            len(setup.train), batch_size, epochs, run_config.dp_sgd_noise_multiplier
+        )
+        if ledger.would_exceed(run_config.target_sample_epsilon, spec):
+            reason = (
+                f"sample-budget-exhausted: node {context.node_id} stops training; another "
+                f"round would take its sample-level epsilon from {ledger.epsilon():.4g} to "
+                f"{ledger.epsilon_after(spec):.4g} > target-sample-epsilon "
+                f"{run_config.target_sample_epsilon:g} (delta {ledger.delta:g}, "
+                f"{ledger.rounds} rounds trained)"
+            )
+            log(WARNING, "%s", reason)
+            return Message(Error(code=SAMPLE_BUDGET_EXHAUSTED, reason=reason), reply_to=msg)
+        result = dp_sgd_train(
+            model,
+            setup.train,
+            epochs=epochs,
+            batch_size=batch_size,
+            learning_rate=learning_rate,
+            noise_multiplier=run_config.dp_sgd_noise_multiplier,
+            clipping_norm=run_config.dp_sgd_clipping_norm,
+        )
+        all_runs = record_round(context, ledger, spec, run_key)
+        log(INFO, "Node %d: %d DP-SGD steps, sample-level epsilon %.4g at delta %g",
+            context.node_id, result.steps, ledger.epsilon(), ledger.delta)
+        # No train-loss: it is a statistic of the records, not covered by DP-SGD.
+        loss = None
+        metrics.update(reply_metrics(ledger))
+        if all_runs is not None:
+            metrics[METRIC_SAMPLE_EPSILON_ALL_RUNS] = all_runs
+    elif run_config.proximal_mu > 0:
         # FedProx (Li et al. 2020): the proximal term on the shared variables only.
         loss = train_proximal(
             model,
             setup.train,
-            epochs=int(config["local-epochs"]),
-            batch_size=int(config["batch-size"]),
-            learning_rate=float(config["learning-rate"]),
+            epochs=epochs,
+            batch_size=batch_size,
+            learning_rate=learning_rate,
             proximal_mu=run_config.proximal_mu,
             global_weights=global_arrays,
             shared_paths=set(setup.shared_paths),
@@ -166,11 +215,7 @@ def train(msg: Message, context: Context) -> Message:
         )
     else:
         loss = train_locally(
-            model,
-            setup.train,
-            epochs=int(config["local-epochs"]),
-            batch_size=int(config["batch-size"]),
-            learning_rate=float(config["learning-rate"]),
+            model, setup.train, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate
         )
     shared, private = split_weights(get_weights(model), setup.private_paths)
     if private:
@@ -184,7 +229,13 @@ def train(msg: Message, context: Context) -> Message:
     content = RecordDict(
         {
             "arrays": to_arrayrecord(arrays),
-            "metrics": MetricRecord({"train-loss": loss, "num-examples": len(setup.train)}),
+            "metrics": MetricRecord(
+                {
+                    **({} if loss is None else {"train-loss": loss}),
+                    "num-examples": len(setup.train),
+                    **metrics,
+                }
+            ),
         }
     )
     return Message(content=content, reply_to=msg)

@@ -50,6 +50,7 @@ _OPEN_UNIT = Rule(float, "a number in (0, 1)", lambda v: 0 < v < 1)
 _HALF_OPEN_UNIT = Rule(float, "a number in (0, 1]", lambda v: 0 < v <= 1)
 _UNIT = Rule(float, "a number in [0, 1]", lambda v: 0 <= v <= 1)
 _ANY_STR = Rule(str, "a string")
+_BOOL = Rule(bool, "true or false")
 _NON_EMPTY_STR = Rule(str, "a non-empty string", lambda v: bool(v.strip()))
 
 RULES: dict[str, Rule] = {
@@ -98,6 +99,11 @@ RULES: dict[str, Rule] = {
     "target-unclipped-quantile": _OPEN_UNIT,
     "clipping-learning-rate": _POSITIVE_FLOAT,
     "local-dp-epsilon": Rule(float, "a number >= 0 (0: off)", lambda v: v >= 0),
+    "dp-sgd": _BOOL,
+    "dp-sgd-noise-multiplier": _POSITIVE_FLOAT,
+    "dp-sgd-clipping-norm": _POSITIVE_FLOAT,
+    "target-sample-epsilon": Rule(float, "a number >= 0 (0: no budget)", lambda v: v >= 0),
+    "target-sample-delta": _OPEN_UNIT,
     "private-layers": Rule(
         str,
         "'none', 'head', 'batchnorm', or comma-separated layer-name patterns",
@@ -153,6 +159,11 @@ class RunConfig:
     target_unclipped_quantile: float
     clipping_learning_rate: float
     local_dp_epsilon: float
+    dp_sgd: bool
+    dp_sgd_noise_multiplier: float
+    dp_sgd_clipping_norm: float
+    target_sample_epsilon: float
+    target_sample_delta: float
     private_layers: str
     resume: str
     client_tasks: str
@@ -164,6 +175,14 @@ class RunConfig:
 
 def _coerce(key: str, value: Any, rule: Rule) -> Any:
     """Return ``value`` as ``rule.kind``, or raise a ConfigError naming the key."""
+    if rule.kind is bool:
+        # Only a real boolean: the string 'false' would be truthy.
+        if not isinstance(value, bool):
+            raise ConfigError(
+                f"run config '{key}' = {value!r} has type {type(value).__name__}; "
+                f"allowed: {rule.allowed}"
+            )
+        return value
     # bool is an int subclass; `true` is never a valid count or rate.
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise ConfigError(
@@ -218,6 +237,12 @@ def parse_run_config(run_config: Mapping[str, Any]) -> RunConfig:
             f"run config 'server-train-epochs' = {config.server_train_epochs} needs "
             "'server-data' (e.g. 'public-slice:0.01'): the server trains only on data "
             "that is not any client's"
+        )
+    if config.dp_sgd and config.proximal_mu > 0:
+        raise ConfigError(
+            f"run config 'proximal-mu' = {config.proximal_mu} cannot be combined with "
+            "'dp-sgd' = true: the proximal term is not part of DP-SGD's clipped "
+            "per-example gradients; set proximal-mu = 0 or dp-sgd = false"
         )
     if config.fraction_evaluate > 0 and config.min_evaluate_nodes < 1:
         raise ConfigError(

@@ -136,6 +136,8 @@ def format_round_line(
         parts.append(f"{entry.get('num-accepted', 0)}/{entry.get('num-sampled', 0)} replies")
     if (epsilon := number(entry.get("epsilon"))) is not None:
         parts.append(f"epsilon {epsilon:.3f}")
+    if (sample_epsilon := number(entry.get("sample-epsilon-max"))) is not None:
+        parts.append(f"sample epsilon <= {sample_epsilon:.3f}")
     parts.append(format_duration(number(entry.get("elapsed-s"))))
     remaining = estimate_remaining_s(server_round, num_rounds, elapsed_total, round_times)
     parts.append(f"total {format_duration(elapsed_total)}")
@@ -169,7 +171,8 @@ def run_summary(metrics: Mapping[str, Any]) -> dict[str, Any]:
         ``strategy``, ``dataset``, ``rounds-done``, ``num-rounds``,
         ``best-accuracy``, ``best-round``, ``final-accuracy``, ``final-loss``,
         ``final-federated-accuracy``, ``final-personalized-accuracy``, ``final-round``, ``total-s``,
-        ``epsilon``, ``epsilon-pld``, ``delta`` (``None`` where unknown).
+        ``epsilon``, ``epsilon-pld``, ``delta``, ``sample-epsilon-max``,
+        ``sample-delta`` (``None`` where unknown).
     """
     config = metrics.get("config", {}) or {}
     rounds = list(metrics.get("rounds", []))
@@ -177,6 +180,7 @@ def run_summary(metrics: Mapping[str, Any]) -> dict[str, Any]:
     final = rounds[-1] if rounds else {}
     best = best_round(metrics)
     dp = [e for e in trained if number(e.get("epsilon")) is not None]
+    sample_dp = [e for e in trained if number(e.get("sample-epsilon-max")) is not None]
     times = [number(e.get("elapsed-s")) for e in trained]
     known_times = [t for t in times if t is not None]
     return {
@@ -195,6 +199,8 @@ def run_summary(metrics: Mapping[str, Any]) -> dict[str, Any]:
         "epsilon": number(dp[-1].get("epsilon")) if dp else None,
         "epsilon-pld": number(dp[-1].get("epsilon-pld")) if dp else None,
         "delta": number(dp[-1].get("delta")) if dp else None,
+        "sample-epsilon-max": number(sample_dp[-1].get("sample-epsilon-max")) if sample_dp else None,
+        "sample-delta": number(config.get("target-sample-delta")) if sample_dp else None,
     }
 
 
@@ -243,6 +249,12 @@ def format_summary(metrics: Mapping[str, Any], run_dir: Path, total_s: float | N
         pld = f" (PLD {s['epsilon-pld']:.4g})" if s["epsilon-pld"] is not None else ""
         delta = f" at delta {s['delta']:.3g}" if s["delta"] is not None else ""
         lines.append(f"  final epsilon {s['epsilon']:.4g}{pld}{delta} (user-level)")
+    if s["sample-epsilon-max"] is not None:
+        delta = f" at delta {s['sample-delta']:.3g}" if s["sample-delta"] is not None else ""
+        lines.append(
+            f"  sample-level epsilon <= {s['sample-epsilon-max']:.4g}{delta} "
+            "(DP-SGD, worst client)"
+        )
     lines.append(f"  files in {run_dir}:")
     for path in run_files(run_dir):
         lines.append(f"    {path.name}{'/' if path.is_dir() else ''}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from logging import ERROR, INFO, WARNING
 from pathlib import Path
@@ -14,6 +15,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from clients.private_layers import private_variable_paths, split_weights
+from clients.sample_privacy import sample_epsilon
 from clients.server_training import ServerTrainer, make_server_update_fn
 from clients.training import evaluate, get_model
 from clients.weights import get_weights, set_weights
@@ -117,6 +119,48 @@ def build_strategy(config: RunConfig) -> FedAvg:
         raise ConfigError(f"invalid DP-FedAvg settings: {error}") from error
 
 
+SAMPLE_EPSILON_MAX = "sample-epsilon-max"
+
+
+def running_sample_epsilon_max(
+    earlier: list[dict], entry: dict[str, float | int]
+) -> float:
+    """The largest sample-level epsilon any client has reported up to this round.
+
+    Each client's epsilon only grows, and a client that stopped (budget
+    exhausted) or was not sampled keeps the epsilon it last reported, so the
+    figure that bounds every record of the federation is the maximum over
+    all replies so far, not over this round's replies only.
+    """
+    values = [float(e[SAMPLE_EPSILON_MAX]) for e in earlier if e.get(SAMPLE_EPSILON_MAX) is not None]
+    if SAMPLE_EPSILON_MAX in entry:
+        values.append(float(entry[SAMPLE_EPSILON_MAX]))
+    return max(values, default=0.0)
+
+
+def log_dp_sgd_meaning(config: RunConfig) -> None:
+    """State what DP-SGD's epsilon covers, and what it does not, before round 1."""
+    log(
+        INFO,
+        "DP-SGD on every client: sample-level DP of each client's training records "
+        "(clipping norm %g, noise multiplier %g); 'sample-epsilon-max' in metrics.json is "
+        "the largest epsilon any client has spent (per run, at delta %g)%s",
+        config.dp_sgd_clipping_norm,
+        config.dp_sgd_noise_multiplier,
+        config.target_sample_delta,
+        "; 'epsilon' is DP-FedAvg's user-level epsilon (whole clients)"
+        if config.strategy == "dp-fedavg" else "",
+    )
+    if config.fraction_evaluate > 0:
+        log(
+            WARNING,
+            "DP-SGD covers training records only: federated evaluation (fraction-evaluate "
+            "%g) sends accuracy and loss on the clients' validation records without noise; "
+            "set fraction-evaluate=0 where those records need the guarantee too",
+            config.fraction_evaluate,
+        )
+
+
 def round_entry(report: RoundReport, strategy: FedAvg | None = None) -> dict[str, float | int]:
     """One round's entry of ``metrics.json`` (with the privacy ledger's figures under DP)."""
     entry: dict[str, float | int] = {"round": report.server_round}
@@ -154,6 +198,8 @@ def main(grid: Grid, context: Context) -> None:
     except ConfigError as error:
         log(ERROR, "Invalid run config: %s", error)
         raise
+    if config.dp_sgd:
+        log_dp_sgd_meaning(config)
     if config.resume:
         run_dir = resolve_output_dir(config.resume)
         log(INFO, "Run %s continues the run in %s", context.run_id, run_dir)
@@ -212,6 +258,10 @@ def main(grid: Grid, context: Context) -> None:
 
     def on_round_end(report: RoundReport) -> None:
         entry = round_entry(report, strategy)
+        if config.dp_sgd and report.server_round > 0:
+            entry[SAMPLE_EPSILON_MAX] = running_sample_epsilon_max(
+                metrics_log.content["rounds"], entry
+            )
         # The checkpoint goes first: a run killed before metrics.json is
         # rewritten still gets this round's entry back on resume.
         save_run_checkpoint(
@@ -237,6 +287,8 @@ def main(grid: Grid, context: Context) -> None:
                 "local-epochs": config.local_epochs,
                 "batch-size": config.batch_size,
                 "learning-rate": config.learning_rate,
+                # Names the run across resumes: clients key their ledgers by it.
+                "run-key": run_dir.name,
             }
         ),
         evaluate_config=ConfigRecord({"batch-size": config.batch_size}),
@@ -320,6 +372,84 @@ def report_federation(grid: Grid, config: RunConfig, run_dir: Path) -> None:
     log_client_summary(federation)
     plot = plot_label_distribution(federation, run_dir / "label-distribution.png")
     log(INFO, "Label distribution per client: %s", plot)
+    if config.dp_sgd:
+        train_sizes = [
+            local_train_size(len(partition), config.val_fraction)
+            for partition in federation.partitions
+        ]
+        log_projected_sample_privacy(config, train_sizes)
+
+
+def local_train_size(num_samples: int, val_fraction: float) -> int:
+    """A client's training-set size after its validation split (as ``load_client_data``)."""
+    if num_samples < 2:
+        return num_samples
+    # scikit-learn's train_test_split holds out ceil(fraction * n).
+    return num_samples - math.ceil(val_fraction * num_samples)
+
+
+def affordable_rounds(
+    num_examples: int, config: RunConfig, max_rounds: int
+) -> int:
+    """Most rounds (<= ``max_rounds``) a client of ``num_examples`` can train within the target."""
+    def epsilon(rounds: int) -> float:
+        return sample_epsilon(
+            num_examples, config.batch_size, config.local_epochs, rounds,
+            config.dp_sgd_noise_multiplier, config.target_sample_delta,
+        )
+
+    low, high = 0, max_rounds  # epsilon grows with rounds: bisect
+    while low < high:
+        mid = (low + high + 1) // 2
+        if epsilon(mid) <= config.target_sample_epsilon:
+            low = mid
+        else:
+            high = mid - 1
+    return low
+
+
+def log_projected_sample_privacy(config: RunConfig, train_sizes: list[int]) -> float:
+    """Log the sample-level epsilon the run will spend at most, before round 1.
+
+    The projection assumes every client trains in every round (no credit for
+    the server's client sampling), so it bounds what any client can reach;
+    the smallest client has the largest sampling rate ``B / n`` and so the
+    largest epsilon. Returns that epsilon.
+    """
+    smallest = min(n for n in train_sizes if n > 0) if any(train_sizes) else 0
+    if smallest == 0:
+        log(WARNING, "DP-SGD: no client has training data; no sample-level epsilon to project")
+        return 0.0
+    rounds = config.num_server_rounds
+    projected = sample_epsilon(
+        smallest, config.batch_size, config.local_epochs, rounds,
+        config.dp_sgd_noise_multiplier, config.target_sample_delta,
+    )
+    log(
+        INFO,
+        "DP-SGD: projected sample-level epsilon <= %.4g at delta %g after %d rounds "
+        "(smallest client, %d training records, batch %d, %d local epochs, noise "
+        "multiplier %g, clipping norm %g; RDP accountant, every round assumed)",
+        projected, config.target_sample_delta, rounds, smallest, config.batch_size,
+        config.local_epochs, config.dp_sgd_noise_multiplier, config.dp_sgd_clipping_norm,
+    )
+    if config.target_sample_delta >= 1.0 / smallest:
+        log(
+            WARNING,
+            "DP-SGD: target-sample-delta %g is not below 1/n = %.3g of the smallest client; "
+            "such a delta allows leaking a whole record",
+            config.target_sample_delta, 1.0 / smallest,
+        )
+    if config.target_sample_epsilon > 0 and projected > config.target_sample_epsilon:
+        log(
+            WARNING,
+            "DP-SGD: target-sample-epsilon %g: the smallest client can train %d of %d "
+            "rounds before it stops",
+            config.target_sample_epsilon,
+            affordable_rounds(smallest, config, rounds),
+            rounds,
+        )
+    return projected
 
 
 def save_model(evaluator: CentralEvaluator, arrays: ArrayRecord, path: Path) -> None:

@@ -37,7 +37,9 @@ copy of every reply) are skipped where those copies would exceed
 replies (minutes per aggregation); the table says which.
 
     uv run python bench/aggregation.py            # all cells, ~15-25 min on 2 busy cores
-    uv run python bench/aggregation.py --quick    # 10 and 100 clients x 100k and 1.7M, ~1 min
+    uv run python bench/aggregation.py --quick    # 10 and 100 clients x 100k and 1.7M, ~2-3 min
+    uv run python bench/aggregation.py --clients 10 --models 100k --repeats 3 \
+        --out /tmp/bench-smoke                    # smoke check, under a minute
 """
 
 from __future__ import annotations
@@ -56,8 +58,12 @@ import numpy as np  # noqa: E402
 
 from bench.common import (  # noqa: E402
     Samples,
+    add_out_option,
+    apply_out_option,
+    load_json,
     load_text,
     ratio_samples,
+    results_dir,
     set_task_identity,
     table,
     write_json,
@@ -449,11 +455,11 @@ def main() -> None:
     parser.add_argument("--dp-max-gb", type=float, default=4.5)
     parser.add_argument("--render-only", action="store_true",
                         help="re-render the Markdown from results/aggregation.json")
+    add_out_option(parser)
     args = parser.parse_args()
+    apply_out_option(args)
     if args.render_only:
-        import json
-
-        cells = json.loads((Path(__file__).parent / "results" / f"{NAME}.json").read_text())
+        cells = load_json(NAME)
         render(cells, time.time(), partial=False,
                command="uv run python bench/aggregation.py (the figures; this text re-rendered "
                        "from the JSON with --render-only, so the date and load lines below are the "
@@ -479,7 +485,7 @@ def main() -> None:
             )
             render(cells, started, partial=True)
     render(cells, started, partial=False)
-    print((Path(__file__).parent / "results" / f"{NAME}.md").read_text())
+    print((results_dir() / f"{NAME}.md").read_text())
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ and every figure as a median over repeats with its min-max (never one timing).
 
 from __future__ import annotations
 
+import argparse
+import functools
 import json
 import os
 import platform
@@ -177,21 +179,60 @@ def command_line() -> str:
     return "uv run python " + " ".join([script_text, *sys.argv[1:]])
 
 
-def write_results(name: str, title: str, body: str, *, started: float | None = None,
-                  extra_header: str = "", command: str | None = None) -> Path:
-    """Write ``bench/results/<name>.md``: command, machine, date, load, then ``body``."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.md"
-    now = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+_results_dir = RESULTS
+
+
+def results_dir() -> Path:
+    """Where result files go: ``bench/results`` unless ``--out`` named another folder."""
+    return _results_dir
+
+
+def add_out_option(parser: argparse.ArgumentParser) -> None:
+    """``--out DIR``: write the result files there instead of ``bench/results``.
+
+    For smoke checks and trial runs, so that they never overwrite the
+    committed measurements.
+    """
+    parser.add_argument("--out", type=Path, default=None,
+                        help="folder for the result files (default: bench/results); use it for "
+                             "smoke checks so that the committed results stay")
+
+
+def apply_out_option(args: argparse.Namespace) -> Path:
+    """Point :func:`results_dir` at ``args.out`` when given; return the folder."""
+    global _results_dir
+    if getattr(args, "out", None) is not None:
+        _results_dir = Path(args.out).resolve()
+    return _results_dir
+
+
+def load_json(name: str) -> Any:
+    """The raw figures of an earlier run (``<results>/<name>.json``), for ``--render-only``."""
+    return json.loads((results_dir() / f"{name}.json").read_text())
+
+
+def provenance(*, started: float | None = None, command: str | None = None) -> str:
+    """The lines every result starts with: command, machine, date, load (and run time)."""
     elapsed = "" if started is None else f"- Script wall time so far: {time.time() - started:.0f} s\n"
-    text = (
-        f"# {title}\n\n"
+    return (
         f"- Command: `{command or command_line()}`\n"
         f"- Machine: {machine()}\n"
-        f"- Date: {now}\n"
+        f"- Date: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n"
         f"- Load average at write: {load_text()}\n"
-        f"{elapsed}{extra_header}\n"
-        f"{body.rstrip()}\n"
+        f"{elapsed}"
+    )
+
+
+def write_results(name: str, title: str, body: str, *, started: float | None = None,
+                  extra_header: str = "", command: str | None = None) -> Path:
+    """Write ``<results>/<name>.md``: command, machine, date, load, then ``body``."""
+    results = results_dir()
+    results.mkdir(parents=True, exist_ok=True)
+    path = results / f"{name}.md"
+    text = (
+        f"# {title}\n\n"
+        + provenance(started=started, command=command)
+        + f"{extra_header}\n{body.rstrip()}\n"
     )
     tmp = path.with_suffix(".md.tmp")
     tmp.write_text(text)
@@ -199,10 +240,27 @@ def write_results(name: str, title: str, body: str, *, started: float | None = N
     return path
 
 
+def append_results(path: Path | None, title: str, body: str, *,
+                   started: float | None = None) -> str:
+    """Print ``body`` under a provenance header and append it to ``path`` (when given).
+
+    For the scripts whose results file is a hand-written note that collects
+    runs: each run adds a section and keeps the earlier ones.
+    """
+    text = f"## {title}\n\n" + provenance(started=started) + f"\n{body.rstrip()}\n"
+    print(text, flush=True)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a", encoding="utf-8") as handle:
+            handle.write("\n" + text)
+    return text
+
+
 def write_json(name: str, data: Any) -> Path:
     """Raw figures next to the Markdown, for whoever wants to re-plot."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
+    results = results_dir()
+    results.mkdir(parents=True, exist_ok=True)
+    path = results / f"{name}.json"
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(data, indent=1, default=float))
     tmp.replace(path)
@@ -270,13 +328,21 @@ class InProcessGrid:
 
     No Ray, no SuperLink: every message goes straight to the real ClientApp
     with that node's own Context (kept across rounds, as a SuperNode keeps it).
-    ``call_s`` collects the duration of every ClientApp call by message type.
+    ``call_s`` collects the duration of every ClientApp call by message type,
+    ``errors`` every call that raised or answered an Error (see :meth:`check`).
     """
 
     def __init__(self, client_app: Any, contexts: dict[int, Any]) -> None:
         self.client_app = client_app
         self.contexts = contexts
         self.call_s: dict[str, list[float]] = {}
+        self.errors: list[str] = []
+
+    def check(self) -> None:
+        """Raise if any client call failed since the last check: its figures would mean nothing."""
+        errors, self.errors = self.errors, []
+        if errors:
+            raise RuntimeError(f"{len(errors)} client calls failed, e.g. {errors[0]}")
 
     def get_node_ids(self) -> list[int]:
         return list(self.contexts)
@@ -296,6 +362,8 @@ class InProcessGrid:
                     Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=repr(error)),
                     reply_to=message,
                 )
+            if reply.has_error():
+                self.errors.append(f"node {message.metadata.dst_node_id}: {reply.error.reason}")
             self.call_s.setdefault(message.metadata.message_type, []).append(
                 time.perf_counter() - start
             )
@@ -310,6 +378,8 @@ class InProcessGrid:
 # these wrappers give every app the bench's run config from the environment.
 ENV_RUN_CONFIG = "FEDPRIVACY_BENCH_RUN_CONFIG"
 ENV_TIMING = "FEDPRIVACY_BENCH_TIMING"
+#: Which ClientApp the run uses, so that the ServerApp sends arrays it accepts.
+ENV_CLIENT = "FEDPRIVACY_BENCH_CLIENT"
 #: What Flower's simulation gives each client unless told otherwise (2 CPUs).
 BACKEND_CONFIG = {"client_resources": {"num_cpus": 2, "num_gpus": 0.0}}
 
@@ -337,26 +407,31 @@ def _record(kind: str, **fields: Any) -> None:
         handle.write(line + "\n")
 
 
-_FIT_S: list[float] = []
+#: Seconds of every ``train_locally`` (``model.fit``) call of this process, in order.
+FIT_S: list[float] = []
 
 
-def _patch_fit_timer() -> None:
-    """Time ``train_locally`` (model.fit) inside our ClientApp, once per process."""
+def time_model_fit() -> list[float]:
+    """Time ``train_locally`` (model.fit) inside our ClientApp; return the list it fills.
+
+    Patches ``app.client_app.train_locally`` once per process; every call
+    appends its duration to :data:`FIT_S` (clear it before the calls you time).
+    """
     import app.client_app as client_module
 
-    if getattr(client_module.train_locally, "_bench_timed", False):
-        return
-    original = client_module.train_locally
+    if not getattr(client_module.train_locally, "_bench_timed", False):
+        original = client_module.train_locally
 
-    def timed(*args: Any, **kwargs: Any) -> Any:
-        start = time.perf_counter()
-        try:
-            return original(*args, **kwargs)
-        finally:
-            _FIT_S.append(time.perf_counter() - start)
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                FIT_S.append(time.perf_counter() - start)
 
-    timed._bench_timed = True  # type: ignore[attr-defined]
-    client_module.train_locally = timed
+        timed._bench_timed = True  # type: ignore[attr-defined]
+        client_module.train_locally = timed
+    return FIT_S
 
 
 def _with_config(context: Any) -> Any:
@@ -383,34 +458,58 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.clientapp import ClientApp  # noqa: E402
 from flwr.serverapp import ServerApp  # noqa: E402
 
-ours_client = ClientApp()
+#: A client function of the bench: ``(msg, context) -> (reply, extra timing fields)``.
+BenchCall = Callable[[Message, Any], tuple[Message, dict[str, float]]]
 
-@ours_client.train()
-def _ours_train(msg: Message, context: Any) -> Message:
+
+def _reported(kind: str, call: BenchCall) -> Callable[[Message, Any], Message]:
+    """Wrap a client function: record its duration, or its failure, as a timing event.
+
+    A call that raises or answers with an Error is recorded as ``<kind>-error``
+    with the reason, so that :func:`check_run` can fail the run: a contender
+    whose clients reject every message must never be reported as a result.
+    """
+
+    def handler(msg: Message, context: Any) -> Message:
+        where = {"round": _server_round(msg), "node": context.node_id}
+        start = time.perf_counter()
+        try:
+            reply, extra = call(msg, context)
+        except Exception as error:
+            _record(f"{kind}-error", **where, reason=repr(error)[:500])
+            raise
+        if reply.has_error():
+            _record(f"{kind}-error", **where, reason=str(reply.error.reason)[:500])
+        else:
+            _record(kind, **where, call_s=time.perf_counter() - start, **extra)
+        return reply
+
+    return handler
+
+
+def _ours_train(msg: Message, context: Any) -> tuple[Message, dict[str, float]]:
     import app.client_app as client_module
 
-    _patch_fit_timer()
-    _FIT_S.clear()
-    start = time.perf_counter()
+    fit_s = time_model_fit()
+    fit_s.clear()
     reply = client_module.train(msg, _with_config(context))
-    _record("train", round=_server_round(msg), node=context.node_id,
-            call_s=time.perf_counter() - start, fit_s=sum(_FIT_S))
-    return reply
+    return reply, {"fit_s": sum(fit_s)}
 
-@ours_client.evaluate()
-def _ours_evaluate(msg: Message, context: Any) -> Message:
+
+def _ours_evaluate(msg: Message, context: Any) -> tuple[Message, dict[str, float]]:
     import app.client_app as client_module
 
-    start = time.perf_counter()
-    reply = client_module.evaluate(msg, _with_config(context))
-    _record("evaluate", round=_server_round(msg), node=context.node_id,
-            call_s=time.perf_counter() - start)
-    return reply
+    return client_module.evaluate(msg, _with_config(context)), {}
+
+
+ours_client = ClientApp()
+ours_client.train()(_reported("train", _ours_train))
+ours_client.evaluate()(_reported("evaluate", _ours_evaluate))
+
 
 # Flower's quickstart-tensorflow pattern: every call clears the Keras
-# session, reloads the partition, rebuilds and recompiles the model.
-quickstart_client = ClientApp()
-
+# session, reloads the partition, rebuilds and recompiles the model. Its
+# arrays travel as Flower's quickstart sends them: a list (keys "0", "1", ...).
 def _quickstart_setup(msg: Message, context: Any) -> tuple[Any, Any, Any]:
     import keras
 
@@ -433,9 +532,8 @@ def _quickstart_setup(msg: Message, context: Any) -> tuple[Any, Any, Any]:
     model.set_weights(msg.content["arrays"].to_numpy_ndarrays())
     return model, train, val
 
-@quickstart_client.train()
-def _quickstart_train(msg: Message, context: Any) -> Message:
-    start = time.perf_counter()
+
+def _quickstart_train(msg: Message, context: Any) -> tuple[Message, dict[str, float]]:
     model, train, _ = _quickstart_setup(msg, context)
     config = msg.content["config"]
     fit_start = time.perf_counter()
@@ -447,22 +545,23 @@ def _quickstart_train(msg: Message, context: Any) -> Message:
         "metrics": MetricRecord({"train-loss": float(history.history["loss"][-1]),
                                  "num-examples": len(train)}),
     })
-    _record("train", round=_server_round(msg), node=context.node_id,
-            call_s=time.perf_counter() - start, fit_s=fit_s)
-    return Message(content=content, reply_to=msg)
+    return Message(content=content, reply_to=msg), {"fit_s": fit_s}
 
-@quickstart_client.evaluate()
-def _quickstart_evaluate(msg: Message, context: Any) -> Message:
-    start = time.perf_counter()
+
+def _quickstart_evaluate(msg: Message, context: Any) -> tuple[Message, dict[str, float]]:
     model, _, val = _quickstart_setup(msg, context)
     loss, accuracy = model.evaluate(val.x, val.y, verbose=0)
-    _record("evaluate", round=_server_round(msg), node=context.node_id,
-            call_s=time.perf_counter() - start)
     return Message(content=RecordDict({"metrics": MetricRecord(
         {"eval-loss": float(loss), "eval-accuracy": float(accuracy), "num-examples": len(val)}
-    )}), reply_to=msg)
+    )}), reply_to=msg), {}
+
+
+quickstart_client = ClientApp()
+quickstart_client.train()(_reported("train", _quickstart_train))
+quickstart_client.evaluate()(_reported("evaluate", _quickstart_evaluate))
 
 ours_server = ServerApp()
+
 
 @ours_server.main()
 def _ours_main(grid: Any, context: Any) -> None:
@@ -472,9 +571,29 @@ def _ours_main(grid: Any, context: Any) -> None:
     main(grid, _with_config(context))
     _record("server-end")
 
+
+def _array_codec(client: str, model: Any) -> tuple[Callable[[], ArrayRecord],
+                                                   Callable[[ArrayRecord], None]]:
+    """How the ServerApp must encode and load a model's arrays for ``client``'s ClientApp.
+
+    Our ClientApp keys arrays by Keras variable path (``to_arrayrecord`` of
+    ``clients.weights.get_weights``) and refuses anything else; the quickstart
+    ClientApp sends and expects a plain list, as Flower's quickstart does.
+    """
+    if client == "quickstart":
+        return (lambda: ArrayRecord(model.get_weights()),
+                lambda arrays: model.set_weights(arrays.to_numpy_ndarrays()))
+    from clients.weights import get_weights, set_weights
+    from strategies.fedavg import to_arrayrecord, to_numpy
+
+    return (lambda: to_arrayrecord(get_weights(model)),
+            lambda arrays: set_weights(model, to_numpy(arrays)))
+
+
 # Flower's built-in FedAvg with the same settings, central evaluation on
 # the same server test set every round (as our ServerApp does).
 flower_server = ServerApp()
+
 
 @flower_server.main()
 def _flower_main(grid: Any, context: Any) -> None:
@@ -490,10 +609,10 @@ def _flower_main(grid: Any, context: Any) -> None:
     _, test = load_server_split(config.dataset, config.data_path, config.test_fraction,
                                 config.seed)
     model = get_model(model_spec(config, test))
-    initial = ArrayRecord(model.get_weights())
+    encode, load = _array_codec(os.environ.get(ENV_CLIENT, "ours"), model)
 
     def central(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        model.set_weights(arrays.to_numpy_ndarrays())
+        load(arrays)
         loss, accuracy = evaluate(model, test)
         _record("central", round=server_round, accuracy=accuracy, loss=loss)
         return MetricRecord({"central-loss": loss, "central-accuracy": accuracy})
@@ -510,7 +629,7 @@ def _flower_main(grid: Any, context: Any) -> None:
         min_available_nodes=config.min_train_nodes,
     )
     strategy.start(
-        grid=grid, initial_arrays=initial, num_rounds=config.num_server_rounds,
+        grid=grid, initial_arrays=encode(), num_rounds=config.num_server_rounds,
         timeout=config.round_timeout,
         train_config=ConfigRecord({"local-epochs": config.local_epochs,
                                    "batch-size": config.batch_size,
@@ -520,8 +639,33 @@ def _flower_main(grid: Any, context: Any) -> None:
     )
     _record("server-end")
 
+
 APPS = {"ours-client": ours_client, "quickstart-client": quickstart_client,
         "ours-server": ours_server, "flower-server": flower_server}
+
+
+def check_run(events: list[dict[str, Any]], num_rounds: int) -> list[str]:
+    """What makes a simulation's figures meaningless; empty when it trained as asked.
+
+    A run fails when any client call failed (raised or answered an Error),
+    when a round 1..``num_rounds`` has no train call that ran ``model.fit``,
+    or when the ServerApp did not finish.
+    """
+    problems = []
+    for kind in ("train", "evaluate"):
+        errors = [e for e in events if e["kind"] == f"{kind}-error"]
+        if errors:
+            reasons = sorted({e["reason"] for e in errors})
+            problems.append(f"{len(errors)} {kind} calls failed, e.g. {reasons[0]}"
+                            + (f" (and {len(reasons) - 1} other reasons)" if len(reasons) > 1
+                               else ""))
+    trained = {e["round"] for e in events if e["kind"] == "train" and e.get("fit_s", 0) > 0}
+    idle = [r for r in range(1, num_rounds + 1) if r not in trained]
+    if idle:
+        problems.append(f"no client trained (model.fit) in rounds {idle}")
+    if not any(e["kind"] == "server-end" for e in events):
+        problems.append("the ServerApp did not finish")
+    return problems
 
 
 def _tree_rss_mib(session: int) -> float:
@@ -554,6 +698,10 @@ class SimulationRun:
     returncode: int
     log_tail: str
     failed_attempts: list[str] = field(default_factory=list)
+    #: Why the run's figures mean nothing (see :func:`check_run`); empty when it trained.
+    problems: list[str] = field(default_factory=list)
+    #: The simulation ran to its end but did not train: a repeat would fail the same way.
+    untrained: bool = False
 
     def rounds_from_metrics(self) -> list[dict[str, Any]]:
         """The ``metrics.json`` rounds our ServerApp wrote (empty for Flower's ServerApp)."""
@@ -568,12 +716,14 @@ def simulate(server: str, client: str, config: dict[str, Any], num_supernodes: i
 
     On a busy machine Ray sometimes fails to start its node ("timed out during
     startup"); that says nothing about the app, so such a run is repeated.
+    A run that finished but did not train (:func:`check_run`) is not: that is
+    the app's or the bench's fault and would fail again.
     Failed attempts are kept in the returned run's ``failed_attempts``.
     """
     failed: list[str] = []
     for _ in range(retries + 1):
         run = simulate_once(server, client, config, num_supernodes, timeout)
-        if run.returncode == 0:
+        if run.returncode == 0 or run.untrained:
             break
         failed.append(run.log_tail[-500:])
     run.failed_attempts = failed
@@ -600,6 +750,7 @@ def simulate_once(server: str, client: str, config: dict[str, Any], num_supernod
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
     env[ENV_RUN_CONFIG] = json.dumps(config)
     env[ENV_TIMING] = str(timing)
+    env[ENV_CLIENT] = client
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     env.setdefault("RAY_DEDUP_LOGS", "0")
     log_path = workdir / "child.log"
@@ -639,14 +790,24 @@ def simulate_once(server: str, client: str, config: dict[str, Any], num_supernod
     events = []
     if timing.exists():
         events = [json.loads(line) for line in timing.read_text().splitlines() if line.strip()]
-    sim_s = float("nan")
+    sim_s, child_problems = float("nan"), None
     if result_file.exists():
-        sim_s = json.loads(result_file.read_text())["sim_s"]
+        result = json.loads(result_file.read_text())
+        sim_s, child_problems = result["sim_s"], result.get("problems")
     tail = log_path.read_text(errors="replace")[-3000:]
     returncode = child.returncode if not failure else -1
     if failure:
         tail = f"[bench] stopped: {failure}\n" + tail
-    return SimulationRun(wall, sim_s, peak, events, output_dir, returncode, tail)
+        problems = [f"stopped: {failure}"]
+    elif child_problems is not None:  # the simulation ran to its end; the child checked it
+        problems = child_problems
+    else:  # the child died before it could check
+        problems = (check_run(events, int(config["num-server-rounds"]))
+                    or [f"the child process exited with {child.returncode}"])
+    if problems and returncode == 0:
+        returncode = 3
+    return SimulationRun(wall, sim_s, peak, events, output_dir, returncode, tail,
+                         problems=problems, untrained=bool(child_problems))
 
 
 def _child_main(argv: list[str]) -> None:
@@ -658,6 +819,7 @@ def _child_main(argv: list[str]) -> None:
     import bench.common as bench_common  # by module name, so Ray pickles by reference
 
     logging.getLogger("flwr").setLevel(logging.INFO)
+    os.environ[ENV_CLIENT] = client
     start = time.perf_counter()
     run_simulation(
         server_app=bench_common.APPS[f"{server}-server"],
@@ -665,12 +827,19 @@ def _child_main(argv: list[str]) -> None:
         num_supernodes=int(num_supernodes),
         backend_config=BACKEND_CONFIG,
     )
-    Path(result_file).write_text(json.dumps({"sim_s": time.perf_counter() - start}))
+    sim_s = time.perf_counter() - start
+    timing = Path(os.environ[ENV_TIMING])
+    events = ([json.loads(line) for line in timing.read_text().splitlines() if line.strip()]
+              if timing.exists() else [])
+    problems = check_run(events, int(_bench_run_config()["num-server-rounds"]))
+    Path(result_file).write_text(json.dumps({"sim_s": sim_s, "problems": problems}))
+    if problems:
+        # Loudly: Flower's engine turns every failed client call into an Error
+        # reply and carries on, so without this a broken contender "finishes".
+        print("[bench] this run did not train as asked:\n  " + "\n  ".join(problems),
+              file=sys.stderr, flush=True)
+        sys.exit(3)
 
-
-if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "child":
-        _child_main(sys.argv[2:])
 
 
 def summarize(run: SimulationRun) -> dict[str, Any]:
@@ -741,6 +910,149 @@ def summarize(run: SimulationRun) -> dict[str, Any]:
         "warmup_s": (round_s[0] - steady_median) if round_s else float("nan"),
         "workdir": str(run.output_dir.parent),
         "failed_attempts": len(run.failed_attempts),
+        "problems": run.problems,
         "events": run.events,
         "metrics_rounds": metrics_rounds,
     }
+
+
+# ----------------------------------------------------------------- simulation benchmarks
+# round_overhead, main_job, scale and dp_cost share this frame: a parser,
+# contenders run alternating (ABBA...) each in a fresh child, a Markdown
+# table re-rendered after every run, and a failed run never counted.
+def simulation_parser(doc: str, *, repeats: int = 2, rounds: int = 5, clients: int | None = 10,
+                      timeout: float = 1800) -> argparse.ArgumentParser:
+    """The options every simulation benchmark takes (``clients=None``: the script adds its own)."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=repeats,
+                        help="runs per contender, alternating (at least 2; 1 only with --out)")
+    parser.add_argument("--rounds", type=int, default=rounds)
+    if clients is not None:
+        parser.add_argument("--clients", type=int, default=clients)
+    parser.add_argument("--timeout", type=float, default=timeout,
+                        help="seconds before one run is stopped")
+    parser.add_argument("--render-only", action="store_true",
+                        help="re-render the table from the JSON of an earlier run")
+    add_out_option(parser)
+    return parser
+
+
+def prepare(args: argparse.Namespace, name: str, render: Callable[..., None]) -> bool:
+    """Apply ``--out`` and ``--render-only`` and check ``--repeats``; True: nothing left to run."""
+    apply_out_option(args)
+    if args.render_only:
+        args.load_at_start = "(re-rendered from the JSON; each run's load is in the JSON)"
+        render(load_json(name), args, time.time(), partial=False)
+        return True
+    if args.repeats < 1 or (args.repeats < 2 and args.out is None):
+        sys.exit("--repeats must be at least 2 (never a single timing); "
+                 "--repeats 1 only with --out, for a smoke check")
+    args.load_at_start = load_text()
+    return False
+
+
+def simulation_summary(server: str, client: str, config: dict[str, Any], num_supernodes: int,
+                       timeout: float) -> dict[str, Any]:
+    """:func:`simulate` then :func:`summarize`, with the load after the run and, if it failed, why."""
+    run = simulate(server, client, config, num_supernodes, timeout=timeout)
+    summary = summarize(run)
+    summary["load"] = load_text()
+    if run.returncode != 0:
+        summary["log_tail"] = run.log_tail
+        print(run.log_tail, flush=True)
+        print("[bench] FAILED: " + "; ".join(run.problems), flush=True)
+    return summary
+
+
+def simulations(specs: dict[Any, tuple[str, str, dict[str, Any], int]],
+                timeout: float) -> dict[Any, Callable[[], dict[str, Any]]]:
+    """Contenders for :func:`run_alternating`: ``key -> (server, client, run config, nodes)``."""
+    return {key: functools.partial(simulation_summary, *spec, timeout=timeout)
+            for key, spec in specs.items()}
+
+
+def ok_runs(runs: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The runs that trained as asked (failed ones never enter a figure)."""
+    return [r for r in runs if r["returncode"] == 0]
+
+
+def ok_pairs(first: list[dict[str, Any]], second: list[dict[str, Any]]
+             ) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """Runs of two contenders paired by repeat (same load), both of which trained."""
+    return [(a, b) for a, b in zip(first, second) if a["returncode"] == 0 and b["returncode"] == 0]
+
+
+def fmt_values(values: Iterable[float], digits: int = 3, scale: float = 1.0) -> str:
+    """``median (min-max)`` of ``values`` (``-`` when there are none)."""
+    return Samples(list(values)).fmt(scale, digits)
+
+
+def run_alternating(name: str, args: argparse.Namespace,
+                    contenders: dict[str, Callable[[], dict[str, Any]]],
+                    render: Callable[..., None],
+                    describe: Callable[[dict[str, Any]], str]) -> dict[str, list[dict[str, Any]]]:
+    """Run every contender ``args.repeats`` times, alternating (ABBA...), rendering after each.
+
+    Exits with status 1 after writing the results when any run failed: its
+    problems are listed in the results file and it counts in no figure.
+    """
+    started = time.time()
+    results: dict[str, list[dict[str, Any]]] = {key: [] for key in contenders}
+    names = list(contenders)
+    for rep in range(args.repeats):
+        for key in (names if rep % 2 == 0 else names[::-1]):
+            print(f"repeat {rep + 1}: {key} ...", flush=True)
+            summary = contenders[key]()
+            results[key].append(summary)
+            if summary["returncode"] == 0:
+                print("  " + describe(summary), flush=True)
+            render(results, args, started, partial=True)
+    render(results, args, started, partial=False)
+    print((results_dir() / f"{name}.md").read_text())
+    failed = sum(len(runs) - len(ok_runs(runs)) for runs in results.values())
+    if failed:
+        sys.exit(f"[bench] {failed} run(s) failed; see 'Failed runs' in "
+                 f"{results_dir() / (name + '.md')}")
+    return results
+
+
+def compare_apps(name: str, doc: str, contenders: dict[str, tuple[str, str]],
+                 render: Callable[..., None], describe: Callable[[dict[str, Any]], str],
+                 *, repeats: int = 2) -> None:
+    """The whole ``main`` of a benchmark of ``name -> (server, client)`` on the app's defaults."""
+    args = simulation_parser(doc, repeats=repeats).parse_args()
+    if prepare(args, name, render):
+        return
+    config = run_config(num_server_rounds=args.rounds)
+    run_alternating(
+        name, args,
+        simulations({key: (server, client, config, args.clients)
+                     for key, (server, client) in contenders.items()}, args.timeout),
+        render, describe,
+    )
+
+
+def failed_runs_section(results: dict[Any, list[dict[str, Any]]]) -> str:
+    """A Markdown section listing every failed run and why; empty when none failed."""
+    rows = [[key, i + 1, "; ".join(r.get("problems") or [f"exit code {r['returncode']}"])]
+            for key, runs in results.items() for i, r in enumerate(runs) if r["returncode"] != 0]
+    if not rows:
+        return ""
+    return ("\n\n## Failed runs (left out of every figure above)\n\n"
+            + table(["contender", "run", "why"], rows) + "\n")
+
+
+def write_simulation_results(name: str, title: str, body: str,
+                             results: dict[Any, list[dict[str, Any]]],
+                             args: argparse.Namespace, started: float, partial: bool) -> None:
+    """The results files of a simulation benchmark: Markdown (with failed runs) and JSON."""
+    text = (("**Partial: the run is still going.**\n\n" if partial else "") + body.rstrip()
+            + failed_runs_section(results))
+    write_results(name, title, text, started=started,
+                  extra_header=f"- Load at start: {args.load_at_start}\n")
+    write_json(name, results)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "child":
+        _child_main(sys.argv[2:])

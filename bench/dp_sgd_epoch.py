@@ -32,17 +32,18 @@ ratios.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import os
-import platform
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-MNIST = Path("/work/shared/datasets/mnist/mnist.npz")
+import numpy as np  # noqa: E402
+
+from bench.common import MNIST_PATH as MNIST  # noqa: E402
+from bench.common import append_results  # noqa: E402
 
 
 def load_mnist(samples: int, flat: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -204,8 +205,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import tensorflow as tf
+    import tensorflow as tf  # noqa: F401  (so that the machine line names its version)
 
+    started = time.time()
     results: dict[str, Times] = {}
     params: dict[str, int] = {}
     for name in args.models:
@@ -217,21 +219,13 @@ def main(argv: list[str] | None = None) -> None:
         results[name] = measure(runs, args.repeats, inner)
         print(table({name: results[name]}, params), flush=True)
 
-    header = (
-        f"Command: `uv run python bench/dp_sgd_epoch.py {' '.join(argv or sys.argv[1:])}`  \n"
-        f"Date: {dt.datetime.now().isoformat(timespec='minutes')}; machine: {platform.machine()}, "
-        f"{os.cpu_count()} CPUs, load average at end {os.getloadavg()[0]:.1f}; "
-        f"Python {platform.python_version()}, TensorFlow {tf.__version__}; "
+    append_results(
+        args.out, "One DP-SGD epoch vs a non-private epoch",
         f"{args.samples} MNIST samples, batch {args.batch_size}, {args.repeats} repeats "
-        f"(epochs per measurement: CNN {args.inner[0]}, MLP {args.inner[1]}).\n"
+        f"(epochs per measurement: CNN {args.inner[0]}, MLP {args.inner[1]}).\n\n"
+        + table(results, params),
+        started=started,
     )
-    text = header + "\n" + table(results, params) + "\n"
-    print(text)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        with args.out.open("a", encoding="utf-8") as handle:
-            handle.write("\n" + text)
-
 
 if __name__ == "__main__":
     main()

@@ -39,13 +39,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import (  # noqa: E402
     MNIST_PATH,
-    RESULTS,
     InProcessGrid,
     Samples,
+    add_out_option,
+    apply_out_option,
     node_contexts,
+    results_dir,
     run_config,
     set_task_identity,
     table,
+    time_model_fit,
+    write_json,
     write_results,
 )
 
@@ -58,7 +62,7 @@ SPLITS = {
 
 
 def _load_state() -> dict:
-    path = RESULTS / f"{NAME}.json"
+    path = results_dir() / f"{NAME}.json"
     if path.exists():
         try:
             return json.loads(path.read_text())
@@ -68,16 +72,13 @@ def _load_state() -> dict:
 
 
 def _save(state: dict, started: float, args: argparse.Namespace) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
     # Keep the splits another process (``--splits``) is writing: only ours change.
     on_disk = _load_state()
     for split in args.splits:
         if split in state:
             on_disk[split] = state[split]
     state = on_disk
-    tmp = RESULTS / f"{NAME}.json.tmp"
-    tmp.write_text(json.dumps(state, indent=1))
-    tmp.replace(RESULTS / f"{NAME}.json")
+    write_json(NAME, state)
     summary_rows = []
     detail = []
     for split, entry in state.items():
@@ -144,7 +145,6 @@ def _save(state: dict, started: float, args: argparse.Namespace) -> None:
 
 
 def run_split(split: str, args: argparse.Namespace, state: dict, started: float) -> None:
-    import app.client_app as client_module
     from app.client_app import app as client_app
     from app.server_app import CentralEvaluator
     from app.config import parse_run_config
@@ -170,17 +170,8 @@ def run_split(split: str, args: argparse.Namespace, state: dict, started: float)
     )
     parsed = parse_run_config(config)
 
-    fit_s: list[float] = []
-    original_train = client_module.train_locally
-
-    def timed_train(*a, **k):  # type: ignore[no-untyped-def]
-        start = time.perf_counter()
-        try:
-            return original_train(*a, **k)
-        finally:
-            fit_s.append(time.perf_counter() - start)
-
-    client_module.train_locally = timed_train
+    fit_s = time_model_fit()
+    fit_s.clear()
 
     class PaperFedAvg(FedAvg):
         """Our FedAvg that stops at the target and times its aggregation."""
@@ -214,6 +205,12 @@ def run_split(split: str, args: argparse.Namespace, state: dict, started: float)
     state[split] = entry
 
     def on_round_end(report: RoundReport) -> None:
+        try:
+            grid.check()  # a round whose client calls failed must not be recorded as a result
+        except RuntimeError as failure:
+            entry["status"] = f"failed at round {report.server_round}: {failure}"
+            _save(state, started, args)
+            raise
         calls = grid.call_s.get("train", [])
         record = {
             "round": report.server_round,
@@ -258,7 +255,6 @@ def run_split(split: str, args: argparse.Namespace, state: dict, started: float)
         f"reached at round {entry['reached']}" if entry["reached"] is not None
         else f"stopped at the round cap ({args.max_rounds})"
     )
-    client_module.train_locally = original_train
     _save(state, started, args)
 
 
@@ -271,13 +267,15 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--data", type=Path, default=MNIST_PATH)
     parser.add_argument("--fresh", action="store_true", help="forget earlier splits' results")
+    add_out_option(parser)
     args = parser.parse_args()
+    apply_out_option(args)
     if not args.data.is_file():
         sys.exit(f"MNIST not found at {args.data}")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     started = time.time()
     if args.fresh:
-        (RESULTS / f"{NAME}.json").unlink(missing_ok=True)
+        (results_dir() / f"{NAME}.json").unlink(missing_ok=True)
     state = _load_state()
     for split in args.splits:
         cap = args.max_rounds

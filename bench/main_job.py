@@ -20,34 +20,22 @@ accuracy; a client train call at most 2x its ``model.fit`` time; round time
 outside client training under 20%.
 
     uv run python bench/main_job.py              # 3 repeats each, ~15-30 min on 2 busy cores
+    uv run python bench/main_job.py --clients 2 --rounds 2 --repeats 1 --out /tmp/bench-smoke
+                                                 # smoke check, ~3-4 min
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import (  # noqa: E402
-    Samples,
-    load_text,
-    run_config,
-    simulate,
-    summarize,
-    table,
-    write_json,
-    write_results,
-)
+from bench import common  # noqa: E402
 
 NAME = "main_job"
 CONTENDERS = {"quickstart": ("flower", "quickstart"), "ours": ("ours", "ours")}
-
-
-def fmt(values, digits: int = 3, scale: float = 1.0) -> str:
-    return Samples(list(values)).fmt(scale, digits)
 
 
 def first_call_delay(run: dict) -> float:
@@ -61,39 +49,39 @@ def render(results: dict[str, list[dict]], args: argparse.Namespace, started: fl
            partial: bool) -> None:
     rows = []
     for name, runs in results.items():
-        ok = [r for r in runs if r["returncode"] == 0]
+        ok = common.ok_runs(runs)
         rows.append([
             name, len(ok),
-            fmt(r["wall_s"] for r in ok), fmt(r["sim_s"] for r in ok),
-            fmt(first_call_delay(r) for r in ok),
-            fmt(r["round_s"][0] for r in ok if r["round_s"]),
-            fmt(x for r in ok for x in r["steady_round_s"]),
-            fmt((r["accuracy"] for r in ok), 4),
-            fmt(x for r in ok for x in r["steady_call_over_fit"]),
-            fmt(r["steady_fit_share"] for r in ok),
-            fmt(r["steady_evaluate_share"] for r in ok),
-            fmt(r["steady_outside_client_calls_share"] for r in ok),
-            fmt((r["peak_rss_mib"] for r in ok), 4),
+            common.fmt_values(r["wall_s"] for r in ok), common.fmt_values(r["sim_s"] for r in ok),
+            common.fmt_values(first_call_delay(r) for r in ok),
+            common.fmt_values(r["round_s"][0] for r in ok if r["round_s"]),
+            common.fmt_values(x for r in ok for x in r["steady_round_s"]),
+            common.fmt_values((r["accuracy"] for r in ok), 4),
+            common.fmt_values(x for r in ok for x in r["steady_call_over_fit"]),
+            common.fmt_values(r["steady_fit_share"] for r in ok),
+            common.fmt_values(r["steady_evaluate_share"] for r in ok),
+            common.fmt_values(r["steady_outside_client_calls_share"] for r in ok),
+            common.fmt_values((r["peak_rss_mib"] for r in ok), 4),
         ])
     q, o = results.get("quickstart", []), results.get("ours", [])
-    pairs = [(a, b) for a, b in zip(q, o) if a["returncode"] == 0 and b["returncode"] == 0]
-    ratio_wall = Samples([b["wall_s"] / a["wall_s"] for a, b in pairs])
-    ratio_sim = Samples([b["sim_s"] / a["sim_s"] for a, b in pairs])
-    ratio_steady = Samples([b["steady_rounds_total_s"] / a["steady_rounds_total_s"]
+    pairs = common.ok_pairs(q, o)
+    ratio_wall = common.Samples([b["wall_s"] / a["wall_s"] for a, b in pairs])
+    ratio_sim = common.Samples([b["sim_s"] / a["sim_s"] for a, b in pairs])
+    ratio_steady = common.Samples([b["steady_rounds_total_s"] / a["steady_rounds_total_s"]
                             for a, b in pairs])
-    calls = [x for r in o if r["returncode"] == 0 for x in r["steady_call_over_fit"]]
-    first = [x for r in o if r["returncode"] == 0 for x in r["first_call_over_fit"]]
-    qcalls = [x for r in q if r["returncode"] == 0 for x in r["steady_call_over_fit"]]
-    acc_o = Samples([r["accuracy"] for r in o if r["returncode"] == 0])
-    acc_q = Samples([r["accuracy"] for r in q if r["returncode"] == 0])
-    outside = Samples([r["steady_outside_fit_share"] for r in o if r["returncode"] == 0])
-    outside_calls = Samples([r["steady_outside_client_calls_share"] for r in o
-                             if r["returncode"] == 0])
+    o_ok, q_ok = common.ok_runs(o), common.ok_runs(q)
+    calls = [x for r in o_ok for x in r["steady_call_over_fit"]]
+    first = [x for r in o_ok for x in r["first_call_over_fit"]]
+    qcalls = [x for r in q_ok for x in r["steady_call_over_fit"]]
+    acc_o = common.Samples([r["accuracy"] for r in o_ok])
+    acc_q = common.Samples([r["accuracy"] for r in q_ok])
+    outside = common.Samples([r["steady_outside_fit_share"] for r in o_ok])
+    outside_calls = common.Samples([r["steady_outside_client_calls_share"] for r in o_ok])
 
     def verdict(ok: bool) -> str:
         return "met" if ok else "**missed**"
 
-    targets = table(
+    targets = common.table(
         ["target", "measured (median (min-max))", "verdict"],
         [
             ["ours wall <= 0.5 x quickstart wall (whole process, per pair)",
@@ -108,20 +96,19 @@ def render(results: dict[str, list[dict]], args: argparse.Namespace, started: fl
             ["ours accuracy > 0.77 (the quickstart run quoted in the issue)",
              acc_o.fmt(digits=4), verdict(acc_o.median > 0.77)],
             ["ours client train call <= 2 x its model.fit (rounds 2-N)",
-             f"{Samples(calls).fmt(digits=3)}; round-1 calls (the first one in a process builds and traces the "
-             f"model): {Samples(first).fmt(digits=3)}; quickstart pattern: "
-             f"{Samples(qcalls).fmt(digits=3)}",
-             verdict(Samples(calls).median <= 2)],
+             f"{common.fmt_values(calls)}; round-1 calls (the first one in a process builds "
+             f"and traces the model): {common.fmt_values(first)}; quickstart pattern: "
+             f"{common.fmt_values(qcalls)}",
+             verdict(common.Samples(calls).median <= 2)],
             ["ours round time outside model.fit < 20% (rounds 2-N)",
              f"{outside.fmt(digits=3)}, of which federated evaluation calls "
-             f"{Samples([r['steady_evaluate_share'] for r in o if r['returncode'] == 0]).fmt(digits=3)}"
+             f"{common.fmt_values(r['steady_evaluate_share'] for r in o_ok)}"
              f" and outside any client call {outside_calls.fmt(digits=3)}",
              verdict(outside.median < 0.2)],
         ],
     )
     body = (
-        ("**Partial: the run is still going.**\n\n" if partial else "")
-        + f"{args.clients} clients x {args.rounds} rounds on digits, {args.repeats} runs each, "
+        f"{args.clients} clients x {args.rounds} rounds on digits, {args.repeats} runs each, "
         "alternating. Times in seconds, median (min-max). `wall`: the whole child process "
         "(Python and TensorFlow import, Ray start, the run, shutdown), what a user waits for; "
         "`simulation`: the `run_simulation` call; `server start -> first call`: from the ServerApp's "
@@ -133,7 +120,7 @@ def render(results: dict[str, list[dict]], args: argparse.Namespace, started: fl
         "the steady rounds' wall time: `fit`, federated `evaluate` calls, and `outside client "
         "calls` (Flower/Ray transport, server validation and aggregation, central evaluation). "
         "Peak memory: all processes of the run (driver, Ray, actors).\n\n"
-        + table(["contender", "runs", "wall s", "simulation s", "server start -> first call s",
+        + common.table(["contender", "runs", "wall s", "simulation s", "server start -> first call s",
                  "round 1 s", "rounds 2-N s",
                  "central accuracy", "call / fit", "fit share", "evaluate share",
                  "outside client calls", "peak MiB"], rows)
@@ -144,52 +131,17 @@ def render(results: dict[str, list[dict]], args: argparse.Namespace, started: fl
         "the machine was shared with other jobs (see the load lines), which stretches every "
         "figure but hits both alike.\n"
     )
-    write_results(NAME, "Main job: ours vs Flower's quickstart pattern", body, started=started,
-                  extra_header=f"- Load at start: {args.load_at_start}\n")
-    write_json(NAME, results)
+    common.write_simulation_results(NAME, "Main job: ours vs Flower's quickstart pattern",
+                                    body, results, args, started, partial)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--clients", type=int, default=10)
-    parser.add_argument("--timeout", type=float, default=1800)
-    parser.add_argument("--render-only", action="store_true",
-                        help="re-render the table from results/main_job.json")
-    args = parser.parse_args()
-    if args.render_only:
-        import json
-
-        args.load_at_start = "(re-rendered from the JSON)"
-        render(json.loads((Path(__file__).parent / "results" / f"{NAME}.json").read_text()),
-               args, time.time(), partial=False)
-        return
-    if args.repeats < 2:
-        sys.exit("--repeats must be at least 2 (never a single timing)")
-    args.load_at_start = load_text()
-    started = time.time()
-    config = run_config(num_server_rounds=args.rounds)
-    results: dict[str, list[dict]] = {name: [] for name in CONTENDERS}
-    names = list(CONTENDERS)
-    for rep in range(args.repeats):
-        order = names if rep % 2 == 0 else names[::-1]
-        for name in order:
-            server, client = CONTENDERS[name]
-            print(f"repeat {rep + 1}: {name} ...", flush=True)
-            run = simulate(server, client, config, args.clients, timeout=args.timeout)
-            summary = summarize(run)
-            summary["load"] = load_text()
-            if run.returncode != 0:
-                summary["log_tail"] = run.log_tail
-                print(run.log_tail, flush=True)
-            results[name].append(summary)
-            print(f"  wall {summary['wall_s']:.1f} s, rounds {summary['round_s']}, "
-                  f"accuracy {summary['accuracy']:.4f}, "
-                  f"steady fit share {summary['steady_fit_share']:.3f}", flush=True)
-            render(results, args, started, partial=True)
-    render(results, args, started, partial=False)
-    print((Path(__file__).parent / "results" / f"{NAME}.md").read_text())
+    common.compare_apps(
+        NAME, __doc__, CONTENDERS, render,
+        lambda s: f"wall {s['wall_s']:.1f} s, rounds {s['round_s']}, accuracy "
+                  f"{s['accuracy']:.4f}, steady fit share {s['steady_fit_share']:.3f}",
+        repeats=3,
+    )
 
 
 if __name__ == "__main__":

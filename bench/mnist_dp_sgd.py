@@ -24,16 +24,18 @@ is the project's FedAvg CNN (``clients.models.build_cnn``).
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import os
-import platform
+import sys
 import time
 from pathlib import Path
 
-import numpy as np
-from scipy.optimize import brentq
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-MNIST = Path("/work/shared/datasets/mnist/mnist.npz")
+import numpy as np  # noqa: E402
+from scipy.optimize import brentq  # noqa: E402
+
+from bench.common import MNIST_PATH as MNIST  # noqa: E402
+from bench.common import Samples, append_results, table  # noqa: E402
 PUBLISHED = "tf-privacy tutorial (clip 1.0, batch 256, delta 1e-5): eps 1.20 -> 95.0%, 2.92 -> 96.6%, 9.74 -> 97.3%"
 
 
@@ -100,17 +102,20 @@ def run(
     trainer = DPSGDTrainer(model, seed=args.seed)
     train = LabeledData(x=x_train, y=y_train, num_classes=10, kind="image", name="mnist")
     rng = np.random.default_rng(args.seed)
-    curve = []
+    curve, epoch_s = [], []
     start = time.perf_counter()
     for epoch in range(1, epochs + 1):
+        epoch_start = time.perf_counter()
         result = trainer.train(train, epochs=1, batch_size=args.batch_size, learning_rate=lr,
                                noise_multiplier=z, clipping_norm=args.clip, rng=rng)
+        epoch_s.append(time.perf_counter() - epoch_start)
         acc = accuracy(model, x_test, y_test)
         curve.append(acc)
         print(f"target {target}: epoch {epoch}/{epochs} loss {result.loss:.3f} "
               f"test acc {acc:.4f} ({time.perf_counter() - start:.0f} s)", flush=True)
     return {"target": target, "epsilon": eps, "z": z, "epochs": epochs, "lr": lr,
-            "accuracy": curve[-1], "best": max(curve), "seconds": time.perf_counter() - start}
+            "accuracy": curve[-1], "best": max(curve), "seconds": time.perf_counter() - start,
+            "epoch_s": epoch_s}
 
 
 def main() -> None:
@@ -128,14 +133,15 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=60_000)
     parser.add_argument("--model", choices=["tfp", "fedavg"], default="tfp")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--out", type=Path, default=None, help="append the results to this file")
     args = parser.parse_args()
     if not len(args.targets) == len(args.epochs) == len(args.learning_rates):
         parser.error("--targets, --epochs and --learning-rates need one value each per run")
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import tensorflow as tf
+    import tensorflow as tf  # noqa: F401  (so that the machine line names its version)
 
+    started = time.time()
     data = load(args.samples)
     rows = []
     noises = args.noise_multipliers or [None] * len(args.targets)
@@ -143,31 +149,21 @@ def main() -> None:
         parser.error("--noise-multipliers needs one value per run")
     for target, epochs, lr, noise in zip(args.targets, args.epochs, args.learning_rates, noises):
         rows.append(run(target, epochs, lr, noise, args, data))
-    lines = [
-        f"Command: `uv run python bench/mnist_dp_sgd.py` with targets {args.targets}, "
-        f"epochs {args.epochs}, learning rates {args.learning_rates}, "
+    append_results(
+        args.out, "Centralised DP-SGD on MNIST",
+        f"Targets {args.targets}, epochs {args.epochs}, learning rates {args.learning_rates}, "
         f"noise {args.noise_multipliers or 'calibrated'}, model {args.model}, "
         f"batch {args.batch_size} (Poisson), clip {args.clip}, delta {args.delta}, "
-        f"{args.samples} training samples, seed {args.seed}  ",
-        f"Date: {dt.datetime.now().isoformat(timespec='minutes')}; {platform.machine()}, "
-        f"{os.cpu_count()} CPUs; TensorFlow {tf.__version__}  ",
-        f"Published reference: {PUBLISHED}",
-        "",
-        "| target eps | eps (RDP, dp-accounting) | noise z | epochs | lr | test acc (final) | best epoch | time s |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['target']:g} | {r['epsilon']:.2f} | {r['z']:.3f} | {r['epochs']} | {r['lr']:g} "
-            f"| {100 * r['accuracy']:.1f}% | {100 * r['best']:.1f}% | {r['seconds']:.0f} |"
-        )
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        with args.out.open("a", encoding="utf-8") as handle:
-            handle.write("\n" + text)
-
+        f"{args.samples} training samples, seed {args.seed} (one run per target: accuracy is "
+        f"that run's; epoch time is median (min-max) over its epochs). Published reference: "
+        f"{PUBLISHED}.\n\n"
+        + table(["target eps", "eps (RDP, dp-accounting)", "noise z", "epochs", "lr",
+                 "test acc (final)", "best epoch", "epoch s", "total s"],
+                [[f"{r['target']:g}", f"{r['epsilon']:.2f}", f"{r['z']:.3f}", r["epochs"],
+                  f"{r['lr']:g}", f"{100 * r['accuracy']:.1f}%", f"{100 * r['best']:.1f}%",
+                  Samples(r["epoch_s"]).fmt(digits=3), f"{r['seconds']:.0f}"] for r in rows]),
+        started=started,
+    )
 
 if __name__ == "__main__":
     main()

@@ -55,8 +55,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 
 from flwr.app import ArrayRecord, Message, MessageType, MetricRecord, RecordDict  # noqa: E402
-from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
+from bench.common import MNIST_PATH, Samples, append_results, set_task_identity  # noqa: E402
 from clients.proximal import local_seed, train_proximal  # noqa: E402
 from clients.server_training import make_server_update_fn  # noqa: E402
 from clients.weights import get_weights, set_weights  # noqa: E402
@@ -220,11 +220,14 @@ def run_method(method: Method, args: argparse.Namespace, federation: Any, public
                      batch_size=args.batch_size, learning_rate=args.lr,
                      proximal_mu=method.proximal_mu, seed=args.seed)
     curve: list[float] = []
+    round_s: list[float] = []
     started = time.monotonic()
 
     def listener(report: Any) -> None:
         accuracy = report.central_metrics.get("central-accuracy", math.nan)
         curve.append(accuracy)
+        if report.server_round > 0:
+            round_s.append(report.elapsed_s)
         if report.server_round % 5 == 0 or report.server_round == args.rounds:
             print(f"  {method.name:<22} round {report.server_round:3d}  acc {accuracy:.4f}  "
                   f"{time.monotonic() - started:6.0f} s", flush=True)
@@ -238,6 +241,7 @@ def run_method(method: Method, args: argparse.Namespace, federation: Any, public
         "accuracy": curve,  # index 0 is the initial model
         "rounds_to_target": reached,
         "seconds": time.monotonic() - started,
+        "round_s": round_s,
     }
 
 
@@ -249,9 +253,11 @@ def markdown(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
     lines = [
         f"| method | rounds to {TARGET_ACCURACY:.0%} | "
         + " | ".join(f"acc @{m}" for m in marks)
-        + f" | best acc | rounds to {TARGET_ACCURACY:.0%} (+server) | "
-        + " | ".join(f"acc @{m} (+server)" for m in marks) + " | best acc (+server) |",
-        "|---|---:|" + "---:|" * len(marks) + "---:|---:|" + "---:|" * len(marks) + "---:|",
+        + f" | best acc | s per round | rounds to {TARGET_ACCURACY:.0%} (+server) | "
+        + " | ".join(f"acc @{m} (+server)" for m in marks)
+        + " | best acc (+server) | s per round (+server) |",
+        "|---|---:|" + "---:|" * len(marks) + "---:|---:|---:|" + "---:|" * len(marks)
+        + "---:|---:|",
     ]
     for name, row in by_name.items():
         if name.endswith("+server"):
@@ -259,19 +265,20 @@ def markdown(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
         cells = [name]
         for variant in (row, by_name.get(name + "+server")):
             if variant is None:
-                cells += ["-"] * (len(marks) + 2)
+                cells += ["-"] * (len(marks) + 3)
                 continue
             reached = variant["rounds_to_target"]
             cells.append(str(reached) if reached is not None else f"> {rounds}")
             cells += [f"{variant['accuracy'][m]:.4f}" for m in marks]
             cells.append(f"{max(variant['accuracy'][1:]):.4f}")
+            cells.append(Samples(variant.get("round_s", [])).fmt(digits=3))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data-path", default="/work/shared/datasets/mnist/mnist.npz")
+    parser.add_argument("--data-path", default=str(MNIST_PATH))
     parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--local-epochs", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=50)
@@ -285,6 +292,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only", nargs="*", default=None, help="run only these method names")
     parser.add_argument("--json", type=Path, default=None, help="write the raw curves here")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="append the table (with command, machine, date, load) to this file")
     parser.add_argument("--from-json", type=Path, nargs="+", default=None,
                         help="print the table of earlier --json files (merged) and exit")
     return parser.parse_args(argv)
@@ -301,7 +310,7 @@ def main(argv: list[str] | None = None) -> None:
         print(markdown(list(merged.values()), args))
         return
     logging.getLogger("flwr").setLevel(logging.WARNING)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    set_task_identity(run_id=1, node_id=0, task_id=1)
 
     spec = FederationSpec(dataset="mnist", data_path=args.data_path, partitioner="shards",
                           num_partitions=100, seed=args.seed, test_fraction=0.2,
@@ -326,7 +335,12 @@ def main(argv: list[str] | None = None) -> None:
             args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
                                              "results": results}, indent=1))
     print(f"total {time.monotonic() - started:.0f} s")
-    print(markdown(results, args))
+    append_results(
+        args.out, "FedAvg, FedProx, FedAvgM, FedAdam on pathological non-IID MNIST",
+        f"{args.rounds} rounds, E = {args.local_epochs}, B = {args.batch_size}, lr {args.lr}, "
+        f"seed {args.seed}; one run per method (same seeds for all); seconds per round: median "
+        "(min-max) over the rounds.\n\n" + markdown(results, args),
+    )
 
 
 if __name__ == "__main__":

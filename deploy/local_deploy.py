@@ -111,6 +111,7 @@ class ProcInfo:
     pgid: int
     state: str
     name: str
+    sid: int = -1
 
 
 def process_table() -> dict[int, ProcInfo]:
@@ -126,12 +127,12 @@ def process_table() -> dict[int, ProcInfo]:
             stat = (entry / "stat").read_text()
         except OSError:  # exited meanwhile
             continue
-        # "pid (comm) state ppid pgrp ...": comm may contain spaces and parentheses.
+        # "pid (comm) state ppid pgrp session ...": comm may contain spaces and parentheses.
         name = stat[stat.find("(") + 1 : stat.rfind(")")]
         fields = stat[stat.rfind(")") + 2 :].split()
-        if len(fields) > 2:
+        if len(fields) > 3:
             table[int(entry.name)] = ProcInfo(
-                int(entry.name), int(fields[1]), int(fields[2]), fields[0], name
+                int(entry.name), int(fields[1]), int(fields[2]), fields[0], name, int(fields[3])
             )
     return table
 
@@ -418,7 +419,9 @@ class LocalDeployment:  # pylint: disable=too-many-instance-attributes
         return self.base_env(self.cli_home)
 
     def prepare(self) -> None:
-        """Create folders, certificates, keys and the CLI connection (idempotent per run)."""
+        """Create folders, fresh certificates and keys, and the CLI connection (once)."""
+        if self.supernodes:
+            raise DeploymentError("this deployment is already prepared")
         self.workdir.mkdir(parents=True, exist_ok=True)
         if not self.insecure:
             create_tls_files(self.certs_dir)
@@ -439,7 +442,9 @@ class LocalDeployment:  # pylint: disable=too-many-instance-attributes
         ``partition-id``/``num-partitions`` pick its part of a partitioned
         dataset (the same keys Flower's simulation sets); ``state-dir`` is its
         own folder for state that must survive a restart; ``data-path``, when
-        given, points at this institution's own files.
+        given, points at this institution's own file: the ClientApp then reads
+        that file alone and ``partition-id`` only names the node
+        (:mod:`data.node_files`).
         """
         parts = [
             f"partition-id={index}",
@@ -773,13 +778,47 @@ def _signals_stop_everything() -> Iterator[None]:
             signal.signal(sig, old)
 
 
-def _parse_data_path(text: str) -> tuple[int, str]:
-    index, sep, path = text.partition("=")
-    if not sep or not index.strip().isdigit() or not path:
+def _parse_data_path(text: str) -> tuple[int | None, str]:
+    """``INDEX=PATH`` (SuperNode INDEX) or ``PATH`` (the next SuperNode in order)."""
+    head, sep, rest = text.partition("=")
+    index, path = (int(head), rest) if sep and head.strip().isdigit() else (None, text)
+    if not path.strip():
         raise argparse.ArgumentTypeError(
-            f"expected INDEX=PATH, e.g. 0=/data/hospital-a; got {text!r}"
+            f"expected PATH or INDEX=PATH, e.g. 0=/data/processed.cleveland.data; got {text!r}"
         )
-    return int(index), path
+    return index, path
+
+
+def resolve_data_paths(entries: Sequence[tuple[int | None, str]]) -> dict[int, str]:
+    """SuperNode index -> absolute ``data-path`` for the ``--data-path`` options given.
+
+    ``PATH`` options go to SuperNodes 0, 1, 2, ... in order; ``INDEX=PATH``
+    options name their SuperNode; the two forms do not mix. A relative path
+    is made absolute (the ClientApp does not run in this folder) and must
+    exist here; a ``?query`` (``?label=num&classes=2`` for a CSV) is kept.
+
+    Raises
+    ------
+    DeploymentError
+        On mixed forms, a SuperNode named twice or a file that does not exist.
+    """
+    indexed = [index is not None for index, _ in entries]
+    if any(indexed) and not all(indexed):
+        raise DeploymentError(
+            "--data-path: give every SuperNode's file as INDEX=PATH, or all of them as "
+            "PATH (SuperNodes 0, 1, ... in order), not both"
+        )
+    paths: dict[int, str] = {}
+    for position, (index, path) in enumerate(entries):
+        node = position if index is None else index
+        if node in paths:
+            raise DeploymentError(f"--data-path: SuperNode {node} is given two files")
+        file_part, sep, query = path.partition("?")
+        file = Path(file_part.strip()).expanduser().resolve()
+        if not file.exists():
+            raise DeploymentError(f"--data-path for SuperNode {node}: {file} does not exist")
+        paths[node] = f"{file}{sep}{query}"
+    return paths
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -789,8 +828,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         description="Run the app on a local SuperLink with N SuperNodes (TLS + SuperNode "
         "authentication on 127.0.0.1), then stop everything.",
     )
-    parser.add_argument("--num-supernodes", type=int, default=2,
-                        help="SuperNodes to start (default 2)")
+    parser.add_argument("--num-supernodes", type=int, default=None,
+                        help="SuperNodes to start (default: one per --data-path "
+                        "(the largest INDEX + 1), else 2)")
     parser.add_argument("--run-config", default="",
                         help="run-config overrides for `flwr run`, e.g. \"num-server-rounds=3\" "
                         "(output-dir defaults to WORKDIR/outputs)")
@@ -802,8 +842,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help=f"SuperLink port on 127.0.0.1 (default {DEFAULT_PORT}; "
                         "0 picks a free one)")
     parser.add_argument("--data-path", type=_parse_data_path, action="append", default=[],
-                        metavar="INDEX=PATH",
-                        help="node-config data-path of SuperNode INDEX (its own files; repeat)")
+                        metavar="[INDEX=]PATH",
+                        help="this SuperNode's own data file, put in its node config as "
+                        "data-path (read in the format of the run config's dataset: heart, "
+                        "mnist, csv, npz); repeat once per SuperNode: PATH for SuperNodes "
+                        "0, 1, ... in order, or INDEX=PATH. SuperNodes without one take "
+                        "their partition of the run's dataset")
     parser.add_argument("--insecure", action="store_true",
                         help="no TLS and no SuperNode authentication "
                         "(loud warning; debugging only)")
@@ -817,6 +861,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.port < 0 or args.port > 65535:
         parser.error("--port must be in 0..65535")
+    try:
+        args.data_paths = resolve_data_paths(args.data_path)
+    except DeploymentError as error:
+        parser.error(str(error))
+    if args.num_supernodes is None:
+        args.num_supernodes = max(args.data_paths) + 1 if args.data_paths else 2
     return args
 
 
@@ -827,7 +877,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         deployment = LocalDeployment(
             args.workdir, num_supernodes=args.num_supernodes, insecure=args.insecure,
-            port=args.port, data_paths=dict(args.data_path),
+            port=args.port, data_paths=args.data_paths,
         )
     except DeploymentError as error:
         logger.error("%s", error)

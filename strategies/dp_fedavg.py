@@ -41,6 +41,11 @@ and noised with the updated norm, ZeroDivisionError on a zero update, whole
 round skipped on one failed client, no sampling amplification in its
 accountant); see ``shared/design/STACK.md``.
 
+The server's arithmetic reads each reply twice, block by block in cache and
+with no per-client temporary: once for the update norms
+(:func:`~strategies.aggregation.update_norms`, which also catches NaN/Inf),
+once for the clipped sum (:func:`~strategies.aggregation.scaled_update_sum`).
+
 Client metrics (``train-loss`` ...) are averaged as in FedAvg and are *not*
 covered by the DP guarantee; neither is federated evaluation. The guarantee is
 about the sequence of global models (trusted-server, central DP).
@@ -77,15 +82,13 @@ from .adaptive_clipping import (
     QuantileClipEstimator,
     split_noise_multiplier,
 )
-from .aggregation import weighted_metrics
+from .aggregation import scaled_update_sum, update_norms, weighted_metrics
 from .clipping import (
     NORM_TOLERANCE,
     InvalidUpdate,
     add_gaussian_noise,
     check_update,
     clip_factor,
-    l2_norm,
-    model_update,
 )
 from .fedavg import EvaluateFn, FedAvg, RoundListener, ServerUpdateFn, to_arrayrecord
 from .local_dp import local_dp_noise_stddev
@@ -483,6 +486,7 @@ class DPFedAvg(FedAvg):
             self.stop_reason = reason
             self._plan = None
             self.last_num_sampled = 0
+            self._train_messages = []
             log(WARNING, "Round %d not run: %s", server_round, reason)
             return []
         self._plan = self.plan_round(server_round, node_ids)
@@ -514,6 +518,7 @@ class DPFedAvg(FedAvg):
             return None, None
         accepted = self.accept_train_replies(server_round, replies)
         arrays = self.aggregate_arrays(server_round, accepted)
+        self.log_train_failures(server_round, int(self.last_round_privacy["num-contributing"]))
         if self.server_update_fn is not None:
             arrays = self.server_update_fn(server_round, arrays)
         metrics = (
@@ -529,22 +534,55 @@ class DPFedAvg(FedAvg):
     def _collect(
         self, server_round: int, replies: list[TrainReply], plan: RoundPlan
     ) -> _Contributions:
+        """Check, measure and clip every update; sum the clipped updates.
+
+        Keys and shapes are checked first (no data read); then the norms of
+        all updates come from one blocked pass (:func:`update_norms`: NaN or
+        Inf gives a non-finite norm, rejected here), and the clipped sum from
+        one more (:func:`scaled_update_sum`). A node's second reply is rejected
+        when its first one counted. Each rejection is logged, counted and
+        added to :attr:`last_failures`.
+        """
         reference = self._sent_arrays
         clip = plan.clipping_norm
         local_dp = self.local_dp_epsilon is not None
-        result = _Contributions({k: np.zeros(np.shape(v)) for k, v in reference.items()})
-        seen: set[int] = set()
+        sampled = None if plan.sampled is None else set(plan.sampled)
+        rejected = 0
+
+        def reject(node: int, reason: InvalidUpdate) -> None:
+            nonlocal rejected
+            rejected += 1
+            self.last_failures[node] = f"update rejected, counts as zero: {reason}"
+            log(
+                WARNING,
+                "Round %d: rejected update from node %d (counts as zero): %s",
+                server_round,
+                node,
+                reason,
+            )
+
+        candidates: list[TrainReply] = []
         for reply in replies:
+            try:
+                if sampled is not None and reply.node_id not in sampled:
+                    raise InvalidUpdate("node was not sampled this round")
+                check_update(reply.arrays, reference, check_finite=False)
+            except InvalidUpdate as reason:
+                reject(reply.node_id, reason)
+                continue
+            candidates.append(reply)
+        norms = update_norms([reply.arrays for reply in candidates], reference)
+
+        kept: list[dict[str, np.ndarray]] = []
+        factors: list[float] = []
+        result = _Contributions({})
+        seen: set[int] = set()
+        for reply, norm in zip(candidates, norms):
             try:
                 if reply.node_id in seen:
                     raise InvalidUpdate("more than one reply from this node")
-                if plan.sampled is not None and reply.node_id not in plan.sampled:
-                    raise InvalidUpdate("node was not sampled this round")
-                check_update(reply.arrays, reference)
-                update = model_update(reply.arrays, reference)
-                norm = l2_norm(update)
                 if not math.isfinite(norm):
-                    raise InvalidUpdate(f"update norm {norm} is not finite")
+                    raise InvalidUpdate(f"update holds NaN or Inf (norm {norm})")
                 if self.clipping_side == "client" and not local_dp:
                     if norm > clip * (1.0 + NORM_TOLERANCE):
                         raise InvalidUpdate(
@@ -555,21 +593,15 @@ class DPFedAvg(FedAvg):
                 else:
                     unclipped = norm <= clip
             except InvalidUpdate as reason:
-                result.rejected += 1
-                log(
-                    WARNING,
-                    "Round %d: rejected update from node %d (counts as zero): %s",
-                    server_round,
-                    reply.node_id,
-                    reason,
-                )
+                reject(reply.node_id, reason)
                 continue
             seen.add(reply.node_id)
-            factor = 1.0 if local_dp else clip_factor(norm, clip)
-            for key, value in update.items():
-                result.total[key] += value * factor
+            kept.append(reply.arrays)
+            factors.append(1.0 if local_dp else clip_factor(norm, clip))
             result.norms.append(norm)
             result.unclipped.append(bool(unclipped))
+        result.total = scaled_update_sum(kept, reference, factors)
+        result.rejected = rejected
         return result
 
     def aggregate_arrays(

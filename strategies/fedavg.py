@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import io
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
+from typing import TypeVar
 
 import numpy as np
 
@@ -23,7 +24,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
-from .aggregation import weighted_mean, weighted_metrics
+from .aggregation import finite_weighted_mean, weighted_metrics
 from .sampling import sample_size, sample_without_replacement, wait_for_nodes
 from .server_optimizers import ServerOptimizer
 from .validation import (
@@ -34,12 +35,14 @@ from .validation import (
     array_specs,
     check_evaluate_reply,
     check_train_reply,
+    encode_array,
 )
 
 EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
 #: ``(server_round, arrays) -> arrays``: a server-side step after aggregation
 #: (e.g. fine-tuning on the server's public data, :mod:`clients.server_training`).
 ServerUpdateFn = Callable[[int, dict[str, np.ndarray]], dict[str, np.ndarray]]
+ReplyT = TypeVar("ReplyT", TrainReply, EvaluateReply)
 
 
 @dataclass
@@ -67,8 +70,108 @@ def to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
 
 
 def to_arrayrecord(arrays: dict[str, np.ndarray]) -> ArrayRecord:
-    """A dict of numpy arrays as an ArrayRecord keyed by the same names."""
-    return ArrayRecord({key: Array(np.ascontiguousarray(v)) for key, v in arrays.items()})
+    """A dict of numpy arrays as an ArrayRecord keyed by the same names.
+
+    Each array is serialised with one copy (:func:`~strategies.validation.encode_array`),
+    to the same bytes as Flower's ``Array(ndarray)``.
+    """
+    return ArrayRecord(
+        {key: encode_array(np.ascontiguousarray(v)) for key, v in arrays.items()}
+    )
+
+
+#: Why a sampled node is in :attr:`FedAvg.last_failures` when nothing came back from it.
+NO_REPLY = "no reply before the timeout"
+
+
+def message_destinations(messages: Iterable[Message]) -> dict[str, int]:
+    """``message_id -> dst_node_id`` of the messages sent this round.
+
+    Flower's grids give a message its id when they push it
+    (``Grid.push_messages``: a UUID in the in-memory grid of the simulation,
+    the message's object id in the SuperLink's), writing it into the very
+    Message objects the strategy returned; so the map is read from those
+    objects once ``send_and_receive`` has pushed them. Messages without an id
+    (a grid that assigns none, as test grids) are left out.
+    """
+    return {
+        message.metadata.message_id: message.metadata.dst_node_id
+        for message in messages
+        if message.metadata.message_id
+    }
+
+
+def reply_node(reply: Message, destinations: Mapping[str, int]) -> int:
+    """The node a reply stands for: the destination of the message it answers.
+
+    A reply the SuperLink makes itself (an Error when the node died or its
+    reply was lost mid-round) carries the SuperLink's id as ``src_node_id``,
+    not the node's; its ``reply_to_message_id`` still names the message that
+    was sent, hence the node. Without a known message id the reply's
+    ``src_node_id`` is taken.
+    """
+    return destinations.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+
+
+def triage_replies(
+    replies: Iterable[Message], sent: Sequence[Message], check: Callable[[Message], ReplyT]
+) -> tuple[list[ReplyT], dict[int, str], int]:
+    """Check every reply; name the node behind each bad one and each message left unanswered.
+
+    Parameters
+    ----------
+    replies : iterable of Message
+        What ``send_and_receive`` returned.
+    sent : sequence of Message
+        The messages of the round, as pushed by the grid (with their ids).
+    check : callable
+        Validates one reply, raising :class:`~strategies.validation.InvalidReply`.
+
+    Returns
+    -------
+    tuple
+        ``(accepted, failures, num_rejected)``: the checked replies, the reason
+        per failed node id (:func:`reply_node`; :data:`NO_REPLY` for a node sent
+        a message that did not answer) and the number of replies rejected.
+    """
+    destinations = message_destinations(sent)
+    accepted: list[ReplyT] = []
+    failures: dict[int, str] = {}
+    answered: set[int] = set()
+    rejected = 0
+    for message in replies:
+        node = reply_node(message, destinations)
+        answered.add(node)
+        try:
+            accepted.append(check(message))
+        except InvalidReply as reason:
+            rejected += 1
+            failures[node] = str(reason)
+    for message in sent:
+        if message.metadata.dst_node_id not in answered:
+            failures[message.metadata.dst_node_id] = NO_REPLY
+    return accepted, failures, rejected
+
+
+def log_failures(
+    server_round: int, kind: str, failures: Mapping[int, str], num_used: int, num_sent: int
+) -> None:
+    """One WARNING naming every failed node and why, e.g.
+
+    ``Round 3: no valid train reply from node(s) 1234 (error reply: ...); going on
+    with 1 of 2 replies``. Nothing when there is no failure.
+    """
+    if not failures:
+        return
+    log(
+        WARNING,
+        "Round %d: no valid %s reply from node(s) %s; going on with %d of %d replies",
+        server_round,
+        kind,
+        ", ".join(f"{node} ({reason})" for node, reason in failures.items()),
+        num_used,
+        max(num_sent, num_used + len(failures)),
+    )
 
 
 # pylint: disable=too-many-instance-attributes
@@ -83,9 +186,19 @@ class FedAvg(Strategy):
 
     Every reply is validated before it is averaged (error replies, missing or
     extra array keys, wrong shapes or dtypes, NaN/Inf values, missing or
-    non-positive ``num-examples``); a bad reply is dropped with its reason in
-    the log and the round goes on with the rest. When no reply is left the
+    non-positive ``num-examples``); a bad reply is dropped and the round goes
+    on with the rest. Each round, one WARNING names every sampled node whose
+    reply was not used, with the reason (an error reply, the check it failed,
+    or no reply before the timeout), e.g. ``Round 3: no valid train reply from
+    node(s) 1234 (error reply: ...); going on with 1 of 2 replies``; replies are
+    matched to the nodes they were sent to by message id, so an error made by
+    the SuperLink for a dead node still names that node (:func:`reply_node`).
+    The same failures are in :attr:`last_failures`. When no reply is left the
     global model stays as it was.
+
+    The NaN/Inf check runs inside the averaging pass
+    (:func:`~strategies.aggregation.finite_weighted_mean`): each reply byte is
+    read from memory once per round.
 
     Parameters
     ----------
@@ -136,6 +249,11 @@ class FedAvg(Strategy):
         self._sent_arrays: dict[str, np.ndarray] = {}
         self.last_num_sampled = 0
         self.last_num_rejected = 0
+        #: node id -> why its train reply of the last round was not used.
+        self.last_failures: dict[int, str] = {}
+        # The messages of the current round, whose ids the grid fills in when it pushes them.
+        self._train_messages: list[Message] = []
+        self._evaluate_messages: list[Message] = []
         self.stop_reason: str | None = None
         self.server_optimizer = server_optimizer
         self.server_update_fn = server_update_fn
@@ -201,36 +319,64 @@ class FedAvg(Strategy):
         config = ConfigRecord(dict(config))
         config["server-round"] = server_round
         log(INFO, "configure_train: sampled %d nodes", len(nodes))
-        return self._messages(arrays, config, nodes, MessageType.TRAIN)
+        self._train_messages = self._messages(arrays, config, nodes, MessageType.TRAIN)
+        return self._train_messages
 
     def accept_train_replies(
         self, server_round: int, replies: Iterable[Message]
     ) -> list[TrainReply]:
-        """Validate every reply; log and drop the bad ones."""
-        accepted: list[TrainReply] = []
-        rejected = 0
-        for message in replies:
-            try:
-                accepted.append(check_train_reply(message, self._sent_specs))
-            except InvalidReply as reason:
-                rejected += 1
-                log(
-                    WARNING,
-                    "Round %d: rejected train reply from node %d: %s",
-                    server_round,
-                    message.metadata.src_node_id,
-                    reason,
-                )
-        self.last_num_rejected = rejected
+        """Validate every reply (all but NaN/Inf, checked while averaging); drop the bad ones.
+
+        Starts the round's :attr:`last_failures`: the node of every bad reply
+        (found by message id, :func:`reply_node`) and every node sent a message
+        this round that did not reply.
+        """
+        accepted, self.last_failures, self.last_num_rejected = triage_replies(
+            replies,
+            self._train_messages,
+            lambda message: check_train_reply(message, self._sent_specs, check_finite=False),
+        )
         return accepted
+
+    def average_replies(
+        self, server_round: int, replies: Sequence[TrainReply]
+    ) -> tuple[dict[str, np.ndarray] | None, list[TrainReply]]:
+        """Example-weighted mean of the replies' arrays, and the replies in it.
+
+        One pass over the replies' bytes both averages and screens for
+        NaN/Inf (:func:`~strategies.aggregation.finite_weighted_mean`); a
+        reply holding either is dropped, counted in :attr:`last_num_rejected`
+        and recorded in :attr:`last_failures`. The mean is ``None`` when no
+        reply is left.
+        """
+        if not replies:
+            return None, []
+        mean, rejected = finite_weighted_mean(
+            [reply.arrays for reply in replies],
+            [reply.num_examples for reply in replies],
+        )
+        for index in rejected:
+            self.last_num_rejected += 1
+            self.last_failures[replies[index].node_id] = "arrays hold NaN or Inf"
+        dropped = set(rejected)
+        return mean, [reply for index, reply in enumerate(replies) if index not in dropped]
 
     def aggregate_arrays(
         self, server_round: int, replies: list[TrainReply]
-    ) -> dict[str, np.ndarray]:
-        """The new global arrays: the example-weighted mean of the replies."""
-        return weighted_mean(
-            [reply.arrays for reply in replies],
-            [reply.num_examples for reply in replies],
+    ) -> dict[str, np.ndarray] | None:
+        """The new global arrays: the example-weighted mean of the finite replies.
+
+        ``None`` if every reply holds NaN or Inf (see :meth:`average_replies`).
+        """
+        return self.average_replies(server_round, replies)[0]
+
+    def log_train_failures(self, server_round: int, num_used: int) -> None:
+        """One WARNING naming every node of :attr:`last_failures` and why (:func:`log_failures`).
+
+        ``num_used`` is how many replies the round goes on with.
+        """
+        log_failures(
+            server_round, "train", self.last_failures, num_used, len(self._train_messages)
         )
 
     def server_step(
@@ -258,14 +404,16 @@ class FedAvg(Strategy):
         server-side update) when either is set.
         """
         accepted = self.accept_train_replies(server_round, replies)
-        if not accepted:
+        mean, accepted = self.average_replies(server_round, accepted)
+        self.log_train_failures(server_round, len(accepted))
+        if mean is None:
             log(
                 WARNING,
                 "Round %d: no valid train reply; the global model stays unchanged",
                 server_round,
             )
             return None, None
-        arrays = self.server_step(server_round, self.aggregate_arrays(server_round, accepted))
+        arrays = self.server_step(server_round, mean)
         metrics = weighted_metrics(
             [reply.metrics for reply in accepted],
             [reply.num_examples for reply in accepted],
@@ -278,6 +426,7 @@ class FedAvg(Strategy):
     ) -> Iterable[Message]:
         """Sample nodes for federated evaluation of the global arrays."""
         if self.fraction_evaluate == 0.0:
+            self._evaluate_messages = []
             return []
         nodes = wait_for_nodes(grid, self.min_evaluate_nodes, self.node_wait_timeout)
         size = min(
@@ -287,24 +436,22 @@ class FedAvg(Strategy):
         config = ConfigRecord(dict(config))
         config["server-round"] = server_round
         chosen = sample_without_replacement(nodes, size, self.rng)
-        return self._messages(arrays, config, chosen, MessageType.EVALUATE)
+        self._evaluate_messages = self._messages(arrays, config, chosen, MessageType.EVALUATE)
+        return self._evaluate_messages
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
-        """Example-weighted mean of the valid evaluation replies' metrics."""
-        accepted: list[EvaluateReply] = []
-        for message in replies:
-            try:
-                accepted.append(check_evaluate_reply(message))
-            except InvalidReply as reason:
-                log(
-                    WARNING,
-                    "Round %d: rejected evaluate reply from node %d: %s",
-                    server_round,
-                    message.metadata.src_node_id,
-                    reason,
-                )
+        """Example-weighted mean of the valid evaluation replies' metrics.
+
+        Failed and missing nodes are named as for training (:func:`log_failures`).
+        """
+        accepted, failures, _ = triage_replies(
+            replies, self._evaluate_messages, check_evaluate_reply
+        )
+        log_failures(
+            server_round, "evaluate", failures, len(accepted), len(self._evaluate_messages)
+        )
         if not accepted:
             return None
         return MetricRecord(
@@ -376,14 +523,6 @@ class FedAvg(Strategy):
             report.num_sampled = self.last_num_sampled
             report.num_rejected = self.last_num_rejected
             report.num_accepted = len(replies) - self.last_num_rejected
-            if len(replies) < report.num_sampled:
-                log(
-                    WARNING,
-                    "Round %d: %d of %d sampled nodes did not reply in time",
-                    server_round,
-                    report.num_sampled - len(replies),
-                    report.num_sampled,
-                )
             if new_arrays is not None:
                 arrays = new_arrays
                 result.arrays = arrays

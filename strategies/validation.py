@@ -130,6 +130,41 @@ def decode_array(array: Array) -> np.ndarray:
     return flat.reshape(shape, order="F" if fortran_order else "C")
 
 
+#: ``.npy`` headers written, keyed by (dtype, shape): a round's result repeats those of the model.
+_WRITTEN_HEADERS: dict[tuple[np.dtype, tuple[int, ...]], bytes] = {}
+
+
+def encode_array(value: np.ndarray) -> Array:
+    """A Flower ``Array`` holding ``value``, with the bytes ``Array(value)`` would hold.
+
+    Flower's ``Array(ndarray)`` goes through ``np.save`` into a ``BytesIO`` and
+    copies the result out of it (two copies of the data). Here the ``.npy``
+    header (version 1.0, as ``np.save`` writes it; cached per dtype and shape)
+    and the array's buffer are joined into the ``bytes`` directly: one copy.
+    Arrays ``np.save`` would store differently (Fortran order, object or
+    structured dtypes, headers beyond version 1.0) take Flower's path.
+    """
+    value = np.asarray(value)
+    if value.dtype.kind not in "biufc" or not value.flags.c_contiguous:
+        return Array(value)
+    key = (value.dtype, value.shape)
+    header = _WRITTEN_HEADERS.get(key)
+    if header is None:
+        stream = io.BytesIO()
+        try:
+            np.lib.format.write_array_header_1_0(
+                stream, np.lib.format.header_data_from_array_1_0(value)
+            )
+        except ValueError:  # header too long for version 1.0
+            return Array(value)
+        header = stream.getvalue()
+        if len(_WRITTEN_HEADERS) >= _MAX_CACHED_HEADERS:
+            _WRITTEN_HEADERS.clear()
+        _WRITTEN_HEADERS[key] = header
+    data = b"".join((header, memoryview(value).cast("B"))) if value.size else header
+    return Array(dtype=str(value.dtype), shape=tuple(value.shape), stype="numpy.ndarray", data=data)
+
+
 def all_finite(value: np.ndarray) -> bool:
     """True if no entry of ``value`` is NaN or +-Inf (always true for integers, bools, strings).
 
@@ -258,9 +293,9 @@ def check_train_reply(
     array_records, metric_records = _records(message)
     record = _only(array_records, "ArrayRecord")
     assert isinstance(record, ArrayRecord)
-    missing = sorted(set(expected) - set(record))
-    extra = sorted(set(record) - set(expected))
-    if missing or extra:
+    if record.keys() != expected.keys():
+        missing = sorted(set(expected) - set(record))
+        extra = sorted(set(record) - set(expected))
         raise InvalidReply(f"array keys differ: missing {missing}, unexpected {extra}")
     arrays: dict[str, np.ndarray] = {}
     for key, spec in expected.items():

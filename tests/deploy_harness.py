@@ -32,13 +32,18 @@ def leftover_process_groups(deployment: LocalDeployment) -> list[str]:
 
 
 @contextmanager
-def loopback_deployment(workdir: Path, num_supernodes: int) -> Iterator[LocalDeployment]:
+def loopback_deployment(
+    workdir: Path, num_supernodes: int, data_paths: dict[int, str] | None = None
+) -> Iterator[LocalDeployment]:
     """A started TLS + SuperNode-auth deployment on 127.0.0.1 with a free port.
 
+    ``data_paths`` gives SuperNodes their own files (node-config ``data-path``).
     On the way out every process it started is stopped, and it is an error
     if any of their process groups is still there.
     """
-    deployment = LocalDeployment(workdir, num_supernodes=num_supernodes, port=0)
+    deployment = LocalDeployment(
+        workdir, num_supernodes=num_supernodes, port=0, data_paths=dict(data_paths or {})
+    )
     try:
         deployment.start()
         yield deployment

@@ -2,7 +2,8 @@
 
 The SuperLink gets its own FLWR_HOME and free loopback ports, so a test never
 touches the user's ~/.flwr or a SuperLink they have running, and every process
-it starts is stopped by PID afterwards.
+it starts is stopped afterwards: its process group, and every session and
+group its descendants started (found through /proc), never anything else.
 """
 
 from __future__ import annotations
@@ -12,10 +13,14 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from deploy.local_deploy import ProcInfo, descendants, process_table
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -39,20 +44,111 @@ def _wait_for_port(port: int, process: subprocess.Popen, timeout: float) -> None
     raise TimeoutError(f"flower-superlink did not listen on {port} within {timeout} s")
 
 
-def _stop(process: subprocess.Popen) -> None:
-    """Stop the SuperLink and everything it spawned (its own process group)."""
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=5)
-    # Children (flwr-serverapp, flwr-simulation, Ray) share the group.
+class SpawnedProcesses:
+    """Every process that a started process spawned, found by walking /proc.
+
+    Ours are: the root (started in a session of its own), its descendants, and
+    every member of a session or process group that one of them led or
+    belonged to. ``flower-superlink`` starts ``flower-superexec`` with
+    ``setsid``, a session of its own, and superexec starts
+    ``flwr-simulation``/``flwr-serverapp``; if superexec dies first, those are
+    re-parented away from our tree but keep its session, so the session (seen
+    while they were still descendants) identifies them. A background thread
+    refreshes what is known every ``interval`` seconds while the root runs.
+
+    The pytest process's own session and group are never included, and a
+    process is only ever taken as ours through the root's tree, so an
+    unrelated Flower process on the machine is never signalled.
+    """
+
+    def __init__(self, root: int, interval: float = 0.5) -> None:
+        self.root = root
+        self.sessions = {root}
+        self.groups = {root}
+        self._own = {os.getsid(0), os.getpgrp()}
+        self._lock = threading.Lock()
+        self._stopped = threading.Event()
+        self._watcher = threading.Thread(
+            target=self._watch, args=(interval,), name=f"watch-{root}", daemon=True
+        )
+        self._watcher.start()
+
+    def _watch(self, interval: float) -> None:
+        while not self._stopped.wait(interval):
+            self.refresh()
+
+    def refresh(self) -> list[ProcInfo]:
+        """Learn the sessions and groups of the tree now; return our live processes."""
+        table = process_table()
+        with self._lock:
+            tree = descendants(self.root, table)
+            if self.root in table:
+                tree.append(table[self.root])
+            for info in tree:
+                if info.sid not in self._own:
+                    self.sessions.add(info.sid)
+                if info.pgid not in self._own:
+                    self.groups.add(info.pgid)
+            return [
+                info for info in table.values()
+                if info.state != "Z" and info.pid != os.getpid()
+                and info.sid not in self._own and info.pgid not in self._own
+                and (info.sid in self.sessions or info.pgid in self.groups)
+            ]
+
+    def kill(self, sig: int) -> list[ProcInfo]:
+        """Send ``sig`` to every known group and every process of ours; return those."""
+        members = self.refresh()
+        with self._lock:
+            groups = sorted(self.groups)
+        for pgid in groups:
+            try:
+                os.killpg(pgid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+        for info in members:
+            try:
+                os.kill(info.pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+        return members
+
+    def close(self) -> None:
+        """Stop the background refresh."""
+        self._stopped.set()
+        self._watcher.join(timeout=5)
+
+
+def _stop(process: subprocess.Popen, spawned: SpawnedProcesses | None = None) -> list[str]:
+    """Stop the SuperLink and everything it spawned; return what outlived SIGKILL.
+
+    SIGTERM goes to the SuperLink's process group first (a clean shutdown);
+    then SIGKILL to every group and session it spawned, including
+    flower-superexec's (a session of its own) and the ``flwr-simulation``
+    processes that would otherwise be orphaned.
+    """
+    spawned = spawned or SpawnedProcesses(process.pid)
+    spawned.refresh()
     try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                pass
+        spawned.kill(signal.SIGKILL)
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:  # pragma: no cover - a process in D state
+            pass
+        deadline = time.monotonic() + 10
+        while left := spawned.kill(signal.SIGKILL):
+            if time.monotonic() > deadline:
+                return [f"{info.pid}:{info.name}" for info in left]
+            time.sleep(0.1)
+        return []
+    finally:
+        spawned.close()
 
 
 @contextmanager
@@ -89,11 +185,15 @@ def simulation_superlink(
         command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
+    spawned = SpawnedProcesses(process.pid)
     try:
         _wait_for_port(port, process, timeout=60)
         yield env
     finally:
-        _stop(process)
+        left = _stop(process, spawned)
+        if left:
+            warnings.warn(f"processes the SuperLink spawned outlived SIGKILL: {left}",
+                          RuntimeWarning, stacklevel=1)
 
 
 def flwr_run(env: dict[str, str], run_config: str, timeout: float) -> subprocess.CompletedProcess:

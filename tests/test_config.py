@@ -45,7 +45,28 @@ BAD_VALUES = [
     ("seed", -3, "an integer >= 0"),
     ("output-dir", "  ", "a non-empty string"),
     ("round-timeout", 0, "a number > 0"),
+    ("dp-sgd", "true", "true or false"),
+    ("dp-sgd", 1, "true or false"),
+    ("dp-sgd-noise-multiplier", 0.0, "a number > 0"),
+    ("dp-sgd-clipping-norm", -1.0, "a number > 0"),
+    ("target-sample-epsilon", -1.0, "a number >= 0"),
+    ("target-sample-delta", 1.0, "(0, 1)"),
 ]
+
+
+def test_dp_sgd_is_a_real_boolean() -> None:
+    config = defaults()
+    config["dp-sgd"] = True
+    assert parse_run_config(config).dp_sgd is True
+    config["dp-sgd"] = False
+    assert parse_run_config(config).dp_sgd is False
+
+
+def test_dp_sgd_with_fedprox_fails_naming_both_keys() -> None:
+    config = defaults()
+    config.update({"dp-sgd": True, "proximal-mu": 0.1})
+    with pytest.raises(ConfigError, match="'proximal-mu'.*'dp-sgd'"):
+        parse_run_config(config)
 
 
 @pytest.mark.parametrize(("key", "value", "allowed"), BAD_VALUES)

@@ -22,13 +22,16 @@ import ipaddress
 import math
 import os
 import re
+import signal
 import stat
+import subprocess
 import sys
 import time
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -44,6 +47,9 @@ from deploy.local_deploy import (
     DeploymentError,
     LocalDeployment,
     ManagedProcess,
+    descendants,
+    parse_args,
+    process_table,
 )
 from tests.deploy_harness import (
     UNKNOWN_KEY_REFUSED,
@@ -53,6 +59,7 @@ from tests.deploy_harness import (
     only_run_metrics,
     wait_for_log,
 )
+from tests.flwr_harness import SpawnedProcesses, _stop
 
 # One process per message: keep the work per round small (1 epoch, no federated
 # evaluation) so that 2 rounds fit the CI time budget.
@@ -103,6 +110,54 @@ def test_node_config_and_cli_connection_parse_as_flower_parses_them(tmp_path: Pa
     assert (deployment.keys_dir / "supernode-2.pub").exists()
 
 
+def test_data_path_options_become_absolute_node_config_paths(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("cleveland", "hungarian", "switzerland", "va"):
+        (tmp_path / f"processed.{name}.data").write_text("")
+    monkeypatch.chdir(tmp_path)
+    # One PATH per SuperNode, in order: as many SuperNodes as files.
+    args = parse_args([arg for name in ("cleveland", "hungarian", "switzerland", "va")
+                       for arg in ("--data-path", f"processed.{name}.data")])
+    assert args.num_supernodes == 4
+    assert args.data_paths == {
+        k: str(tmp_path / f"processed.{name}.data")
+        for k, name in enumerate(("cleveland", "hungarian", "switzerland", "va"))
+    }
+    # INDEX=PATH, with a table's query kept (it contains '=' and '&').
+    args = parse_args(["--data-path", "2=processed.va.data?label=num&classes=2"])
+    assert args.num_supernodes == 3
+    assert args.data_paths == {2: f"{tmp_path / 'processed.va.data'}?label=num&classes=2"}
+    assert parse_args([]).num_supernodes == 2 and parse_args([]).data_paths == {}
+    for bad in (["--data-path", "missing.csv"],
+                ["--data-path", "0=processed.va.data", "--data-path", "processed.va.data"],
+                ["--data-path", "0=processed.va.data", "--data-path", "0=processed.va.data"]):
+        with pytest.raises(SystemExit):
+            parse_args(bad)
+    args = parse_args(["--num-supernodes", "1", "--data-path", "1=processed.va.data"])
+    with pytest.raises(DeploymentError, match="only 0..0 exist"):
+        LocalDeployment(tmp_path / "work", num_supernodes=args.num_supernodes,
+                        data_paths=args.data_paths)
+
+
+def test_a_node_config_data_path_reaches_the_client_app_as_its_own_file(tmp_path: Path) -> None:
+    """The node config the script writes, parsed as Flower parses it, names the node's file."""
+    from data.node_files import NodeData, load_node_data, node_data
+
+    table = write_digits_csv(tmp_path / "clinic.csv", np.arange(100))
+    deployment = LocalDeployment(
+        tmp_path / "work", num_supernodes=2, port=45677,
+        data_paths={1: f"{table}?label=label&classes=10"},
+    )
+    deployment.prepare()
+    configs = [parse_config_args([slot.node_config]) for slot in deployment.supernodes]
+    assert node_data(configs[0]) == NodeData(0, 2)
+    assert node_data(configs[1]) == NodeData(1, None, f"{table}?label=label&classes=10")
+    train, val = load_node_data("csv", configs[1]["data-path"], 0.1, 42, 1)
+    assert len(train) + len(val) == 100 and train.num_classes == 10
+    assert train.input_shape == (64,)
+
+
 def test_insecure_mode_has_no_certificates_and_says_so(tmp_path: Path) -> None:
     deployment = LocalDeployment(tmp_path / "work", num_supernodes=1, insecure=True, port=45679)
     deployment.prepare()
@@ -134,11 +189,85 @@ def test_stop_ends_descendants_that_started_their_own_session(tmp_path: Path) ->
     assert process.alive_members() == []
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="walks /proc")
+def test_harness_stop_ends_orphans_of_a_child_session_and_nothing_else(tmp_path: Path) -> None:
+    """Like flower-superexec (setsid) dying and leaving its flwr-simulation orphaned."""
+    bystander = subprocess.Popen(  # an unrelated process in a session of its own
+        ["sleep", "120"], start_new_session=True
+    )
+    root = subprocess.Popen(
+        ["bash", "-c", "setsid bash -c 'sleep 120 & wait' & wait"], start_new_session=True
+    )
+    spawned = SpawnedProcesses(root.pid, interval=0.1)
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            inner = [i for i in spawned.refresh() if i.sid not in (root.pid, -1)]
+            if any(i.name == "sleep" for i in inner) and any(i.name == "bash" for i in inner):
+                break
+            time.sleep(0.1)
+        session_leader = next(i for i in inner if i.name == "bash" and i.pid == i.sid)
+        orphan = next(i for i in inner if i.name == "sleep")
+        os.kill(session_leader.pid, signal.SIGKILL)  # the sleep is re-parented away
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            table = process_table()
+            if orphan.pid in table and table[orphan.pid].ppid != session_leader.pid:
+                break
+            time.sleep(0.1)
+        assert orphan.pid not in {i.pid for i in descendants(root.pid, process_table())}
+        assert _stop(root, spawned) == []
+        assert orphan.pid not in process_table() or process_table()[orphan.pid].state == "Z"
+        assert bystander.poll() is None
+    finally:
+        for process in (root, bystander):
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
 # ------------------------------------------------------------- end to end on a real deployment
+def write_digits_csv(path: Path, rows: np.ndarray) -> Path:
+    """scikit-learn's digits as a table: 64 pixel columns and ``label``."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    header = ",".join([f"p{k}" for k in range(64)] + ["label"])
+    table = np.column_stack([bunch.data[rows], bunch.target[rows]]).astype(int)
+    np.savetxt(path, table, fmt="%d", delimiter=",", header=header, comments="")
+    return path
+
+
 @pytest.fixture(scope="module")
-def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalDeployment]:
-    """SuperLink (TLS, SuperNode auth) + 2 registered, authenticated SuperNodes."""
-    with loopback_deployment(tmp_path_factory.mktemp("deployment"), num_supernodes=2) as started:
+def digits_tables(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The server's table (its test set; node 1's partition) and node 0's own file.
+
+    Node 0's clinic holds only digits 0-4 of the 10 classes, from rows the
+    server's table does not have.
+    """
+    from sklearn.datasets import load_digits
+
+    folder = tmp_path_factory.mktemp("tables")
+    labels = load_digits().target
+    cut = 1300
+    own = np.flatnonzero((np.arange(len(labels)) >= cut) & (labels < 5))
+    return (write_digits_csv(folder / "server.csv", np.arange(cut)),
+            write_digits_csv(folder / "clinic-0.csv", own))
+
+
+@pytest.fixture(scope="module")
+def deployment(
+    tmp_path_factory: pytest.TempPathFactory, digits_tables: tuple[Path, Path]
+) -> Iterator[LocalDeployment]:
+    """SuperLink (TLS, SuperNode auth) + 2 registered, authenticated SuperNodes.
+
+    SuperNode 0 has its own file (node-config ``data-path``); SuperNode 1
+    takes partition 1 of 2 of the run's dataset.
+    """
+    with loopback_deployment(
+        tmp_path_factory.mktemp("deployment"), num_supernodes=2,
+        data_paths={0: f"{digits_tables[1]}?label=label&classes=10"},
+    ) as started:
         yield started
 
 
@@ -158,7 +287,7 @@ def test_deployment_uses_tls_auth_and_per_node_config(deployment: LocalDeploymen
         assert slot.node_id is not None
     assert configs[0].startswith("partition-id=0 num-partitions=2 state-dir=")
     assert configs[1].startswith("partition-id=1 num-partitions=2 state-dir=")
-    assert configs[0] != configs[1]
+    assert "data-path='" in configs[0] and "data-path" not in configs[1]
 
 
 @pytest.mark.e2e
@@ -185,12 +314,14 @@ def test_fewer_nodes_than_min_train_nodes_ends_the_run_with_a_clear_message(
 # pylint: disable=too-many-locals,too-many-statements
 @pytest.mark.e2e
 def test_dp_run_survives_a_supernode_killed_mid_round_and_its_restart(
-    deployment: LocalDeployment, tmp_path: Path
+    deployment: LocalDeployment, digits_tables: tuple[Path, Path], tmp_path: Path
 ) -> None:
     """2 rounds of DP-FedAvg; SuperNode 1 is SIGKILLed in round 1 and restarted after it.
 
     Also: a SuperNode with an unregistered key tries to join during the run
-    and is refused without the run noticing.
+    and is refused without the run noticing; and SuperNode 0 trains on its
+    own file (node-config ``data-path``, digits 0-4 only) while SuperNode 1
+    trains on its partition of the server's table, one model for both.
     """
     outputs = tmp_path / "outputs"
     noise, clip = 0.01, 1.0
@@ -198,10 +329,14 @@ def test_dp_run_survives_a_supernode_killed_mid_round_and_its_restart(
     assert victim.process is not None
     node_id_before = victim.node_id
     victim_log_start = victim.process.log_size()
+    own_file = deployment.supernodes[0]
+    assert own_file.process is not None
+    own_log_start = own_file.process.log_size()
+    server_table = f"dataset='csv' data-path='{digits_tables[0]}?label=label'"
 
     t_start = time.monotonic()
     run = deployment.start_run(
-        f"num-server-rounds=2 {FAST} strategy='dp-fedavg' client-sampling='fixed' "
+        f"num-server-rounds=2 {FAST} {server_table} strategy='dp-fedavg' client-sampling='fixed' "
         f"fraction-train=1.0 min-train-nodes=2 noise-multiplier={noise} clipping-norm={clip} "
         f"round-timeout={ROUND_TIMEOUT} node-wait-timeout=120 output-dir='{outputs}'",
         log_path=tmp_path / "run.log",
@@ -255,6 +390,18 @@ def test_dp_run_survives_a_supernode_killed_mid_round_and_its_restart(
     assert first["noise-stddev"] == second["noise-stddev"] == pytest.approx(noise * clip / 2)
     assert 0 < first["epsilon"] < second["epsilon"] < math.inf
     assert all(math.isfinite(r["central-loss"]) for r in rounds)
+
+    # SuperNode 0 read only its own file: digits 0-4 of 10 classes, about 90% for training.
+    own_log = own_file.process.log_text()[own_log_start:]
+    loaded = re.search(r"Node file (\S+): (\d+) train / (\d+) validation samples, labels "
+                       r"\[([\d, ]+)\]", own_log)
+    assert loaded, own_log[-4000:]
+    assert loaded.group(1) == f"{digits_tables[1]}?label=label&classes=10"
+    histogram = [int(c) for c in loaded.group(4).split(",")]
+    assert len(histogram) == 10 and sum(histogram[5:]) == 0
+    assert int(loaded.group(2)) + int(loaded.group(3)) == len(
+        digits_tables[1].read_text().splitlines()) - 1
+    assert "Node file" not in victim.process.log_text()
 
     # The unregistered SuperNode was refused and never took part.
     assert rogue_code not in (None, 0), rogue.log_text()[-2000:]

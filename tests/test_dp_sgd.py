@@ -25,7 +25,9 @@ from clients.sample_privacy import num_steps  # noqa: E402
 from data.dataset import LabeledData  # noqa: E402
 
 
-def per_example_gradients(model: keras.Model, x: np.ndarray, y: np.ndarray) -> list[list[np.ndarray]]:
+def per_example_gradients(
+    model: keras.Model, x: np.ndarray, y: np.ndarray
+) -> list[list[np.ndarray]]:
     """The slow reference: one eager ``GradientTape`` per example."""
     loss_fn = default_loss_fn(model)
     grads = []
@@ -191,7 +193,8 @@ def test_gaussian_noise_source_is_standard_normal() -> None:
     assert first.std() == pytest.approx(1.0, abs=0.01)
     assert np.mean(np.abs(first) > 2) == pytest.approx(0.0455, abs=0.002)  # two-sided tail
     assert stats.kstest(first, "norm").pvalue > 0.01
-    np.testing.assert_array_equal(GaussianNoise(10, seed=1).draw(), GaussianNoise(10, seed=1).draw())
+    again = GaussianNoise(10, seed=1).draw()
+    np.testing.assert_array_equal(GaussianNoise(10, seed=1).draw(), again)
 
 
 def test_empty_batch_step_is_pure_noise_with_that_std() -> None:

@@ -33,7 +33,9 @@ from tensorflow_privacy.privacy.analysis import compute_dp_sgd_privacy_lib  # no
 DELTA = 1e-5
 
 
-def independent_epsilon(n: int, batch: int, epochs: int, rounds: int, z: float, delta: float) -> float:
+def independent_epsilon(
+    n: int, batch: int, epochs: int, rounds: int, z: float, delta: float
+) -> float:
     """Written out from Abadi et al. (2016) / Mironov et al. (2019), not from the module."""
     q = batch / n
     steps = rounds * math.ceil(epochs * n / batch)
