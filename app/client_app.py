@@ -24,7 +24,7 @@ from clients.private_layers import (
     split_weights,
 )
 from clients.proximal import local_seed, train_proximal
-from clients.sample_privacy import SampleDPRound, reply_metrics
+from clients.sample_privacy import SampleDPRound, SamplePrivacyState, reply_metrics
 from clients.training import ModelSpec, get_model, initial_weights, train_locally
 from clients.training import evaluate as evaluate_model
 from clients.weights import get_weights, set_weights
@@ -53,6 +53,8 @@ PRIVATE_WEIGHT_LEAK = 100
 # Error code of a client that stopped training: another round of DP-SGD
 # would take its sample-level epsilon past target-sample-epsilon.
 SAMPLE_BUDGET_EXHAUSTED = 101
+# Train-config key: rounds an earlier run did before this (resumed) run.
+ROUNDS_BEFORE_RESUME = "rounds-before-resume"
 
 
 @dataclass(frozen=True)
@@ -153,6 +155,31 @@ def outgoing_arrays(
     return local
 
 
+def assume_spent(
+    context: Context, ledger: SamplePrivacyState, spec: SampleDPRound, rounds_before: int,
+    run_key: str | None,
+) -> None:
+    """Count the rounds before a resume as trained when this node has no ledger of them.
+
+    A resumed run continues rounds ``1..rounds_before`` of an earlier one. A
+    node that kept its ledger (a ``state-dir``) goes on from it; one that did
+    not (a simulation node, a lost folder) cannot know what it spent then, so
+    it assumes the worst: that it trained in every one of those rounds with
+    this round's settings. That may over-count, never under-count.
+    """
+    if rounds_before <= 0 or ledger.rounds > 0:
+        return
+    log(
+        WARNING,
+        "Node %d: no sample privacy ledger for the %d rounds before this resumed run; "
+        "counting them as trained (conservative)",
+        context.node_id,
+        rounds_before,
+    )
+    for _ in range(rounds_before):
+        record_round(context, ledger, spec, run_key)
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train the received global model (with this node's private part) and send back the shared part."""
@@ -173,6 +200,7 @@ def train(msg: Message, context: Context) -> Message:
         spec = SampleDPRound(
             len(setup.train), batch_size, epochs, run_config.dp_sgd_noise_multiplier
         )
+        assume_spent(context, ledger, spec, int(config.get(ROUNDS_BEFORE_RESUME, 0)), run_key)
         if ledger.would_exceed(run_config.target_sample_epsilon, spec):
             reason = (
                 f"sample-budget-exhausted: node {context.node_id} stops training; another "

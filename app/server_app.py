@@ -289,6 +289,8 @@ def main(grid: Grid, context: Context) -> None:
                 "learning-rate": config.learning_rate,
                 # Names the run across resumes: clients key their ledgers by it.
                 "run-key": run_dir.name,
+                # A node without a ledger of those rounds counts them as spent.
+                "rounds-before-resume": start_round - 1,
             }
         ),
         evaluate_config=ConfigRecord({"batch-size": config.batch_size}),

@@ -176,3 +176,34 @@ def test_projection_is_the_smallest_clients_epsilon_over_all_rounds(caplog) -> N
     assert independent_epsilon(sizes[1], 16, 2, rounds, 1.1, 1e-5) <= 2.0 if rounds else True
     assert independent_epsilon(sizes[1], 16, 2, rounds + 1, 1.1, 1e-5) > 2.0
     assert f"can train {rounds} of 6 rounds" in caplog.text
+
+
+def test_a_resumed_run_counts_rounds_it_has_no_ledger_for(tmp_path: Path) -> None:
+    from flwr.app import ConfigRecord
+
+    from app.client_app import app as client_app
+    from app.task import model_spec
+    from clients.training import initial_weights
+    from strategies.fedavg import to_arrayrecord
+    from tests.messages import instruction
+
+    config = _dp_sgd_config(tmp_path)
+    context = node_contexts(2, config)[1000]  # no state folder: nothing survives the resume
+    train, _ = load_client_data(federation_spec(parse_run_config(config), 2), 0)
+    weights = initial_weights(model_spec(parse_run_config(config), train))
+    message = instruction(
+        RecordDict({
+            "arrays": to_arrayrecord(weights),
+            "config": ConfigRecord({"server-round": 4, "local-epochs": 1, "batch-size": 32,
+                                    "learning-rate": 0.1, "run-key": "7",
+                                    "rounds-before-resume": 3}),
+        }),
+        node_id=1000,
+    )
+    reply = client_app(message, context)
+    assert not reply.has_error()
+    metrics = reply.content["metrics"]
+    assert metrics["sample-rounds"] == 4  # 3 assumed + the one trained now
+    assert metrics["sample-epsilon"] == pytest.approx(
+        independent_epsilon(len(train), 32, 1, 4, 1.1, 1e-5), rel=1e-9
+    )
