@@ -157,6 +157,15 @@ def build_federation(spec: FederationSpec) -> Federation:
     return Federation(train=train, test=test, partitions=tuple(partitions))
 
 
+def split_local(
+    local: LabeledData, val_fraction: float, seed: int
+) -> tuple[LabeledData, LabeledData]:
+    """A client's ``(train, validation)`` split of its own data (no validation below 2 samples)."""
+    if len(local) < 2:
+        return local, local.subset(np.arange(0))
+    return stratified_split(local, val_fraction, seed)
+
+
 @lru_cache(maxsize=64)
 def load_client_data(
     spec: FederationSpec, partition_id: int
@@ -168,10 +177,7 @@ def load_client_data(
         )
     federation = build_federation(spec)
     local = federation.train.subset(federation.partitions[partition_id])
-    if len(local) < 2:
-        train, val = local, local.subset(np.arange(0))
-    else:
-        train, val = stratified_split(local, spec.val_fraction, spec.seed + partition_id)
+    train, val = split_local(local, spec.val_fraction, spec.seed + partition_id)
     log(
         INFO,
         "Client %d: %d train / %d validation samples, labels %s",

@@ -72,7 +72,7 @@ import numpy as np
 from flwr.common.logger import log
 
 from .dataset import LabeledData
-from .federation import standardize, stratified_split
+from .federation import split_local, standardize
 from .heart import HEART_CLASSES, parse_heart_table, preprocess_heart
 from .mnist import load_mnist
 from .sources import FUSION_SEPARATOR, SOURCES
@@ -273,11 +273,7 @@ def load_node_data(
     Cached per process, like a partition.
     """
     local = load_node_file(dataset, data_path)
-    if len(local) < 2:
-        train, val = local, local.subset(np.arange(0))
-    else:
-        train, val = stratified_split(local, val_fraction, seed + partition_id)
-    train, val = standardize(train, val)
+    train, val = standardize(*split_local(local, val_fraction, seed + partition_id))
     log(
         INFO,
         "Node file %s: %d train / %d validation samples, labels %s",
