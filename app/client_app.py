@@ -24,7 +24,7 @@ from clients.private_layers import (
     split_weights,
 )
 from clients.proximal import local_seed, train_proximal
-from clients.sample_privacy import SampleDPRound, SamplePrivacyState, reply_metrics
+from clients.sample_privacy import SampleDPRound, reply_metrics
 from clients.training import ModelSpec, get_model, initial_weights, train_locally
 from clients.training import evaluate as evaluate_model
 from clients.weights import get_weights, set_weights
@@ -43,7 +43,12 @@ from strategies.local_dp import privatize_arrays
 
 from .config import parse_run_config
 from .private_state import load_private, save_private
-from .sample_ledger import METRIC_SAMPLE_EPSILON_ALL_RUNS, load_ledger, record_round
+from .sample_ledger import (
+    METRIC_SAMPLE_EPSILON_ALL_RUNS,
+    assume_spent,
+    load_ledger,
+    record_round,
+)
 from .task import federation_spec, model_spec
 
 app = ClientApp()
@@ -153,31 +158,6 @@ def outgoing_arrays(
     if CONFIG_CLIPPING_NORM in config:
         return clip_to_reference(local, global_arrays, float(config[CONFIG_CLIPPING_NORM]))
     return local
-
-
-def assume_spent(
-    context: Context, ledger: SamplePrivacyState, spec: SampleDPRound, rounds_before: int,
-    run_key: str | None,
-) -> None:
-    """Count the rounds before a resume as trained when this node has no ledger of them.
-
-    A resumed run continues rounds ``1..rounds_before`` of an earlier one. A
-    node that kept its ledger (a ``state-dir``) goes on from it; one that did
-    not (a simulation node, a lost folder) cannot know what it spent then, so
-    it assumes the worst: that it trained in every one of those rounds with
-    this round's settings. That may over-count, never under-count.
-    """
-    if rounds_before <= 0 or ledger.rounds > 0:
-        return
-    log(
-        WARNING,
-        "Node %d: no sample privacy ledger for the %d rounds before this resumed run; "
-        "counting them as trained (conservative)",
-        context.node_id,
-        rounds_before,
-    )
-    for _ in range(rounds_before):
-        record_round(context, ledger, spec, run_key)
 
 
 @app.train()

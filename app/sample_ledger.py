@@ -17,7 +17,7 @@ the per-run figure alone would under-state the records' total exposure.
 
 from __future__ import annotations
 
-from logging import INFO
+from logging import INFO, WARNING
 from pathlib import Path
 
 from flwr.app import ConfigRecord, Context
@@ -100,14 +100,16 @@ def record_round(
     state: SamplePrivacyState,
     spec: SampleDPRound,
     run_key: str | None = None,
+    rounds: int = 1,
 ) -> float | None:
-    """Record a trained round in this run's ledger and the lifetime ledger; save both.
+    """Record ``rounds`` trained rounds of ``spec`` in this run's and the lifetime ledger; save both.
 
     Written before the reply leaves the node: a reply lost afterwards makes
     the ledger over-count, never under-count. Returns the lifetime epsilon
     (None without a state folder).
     """
-    state.record(spec)
+    for _ in range(rounds):
+        state.record(spec)
     context.state[STATE_KEY] = ConfigRecord(state.to_dict())  # type: ignore[arg-type]
     path = ledger_file(context, run_key)
     if path is not None:
@@ -118,6 +120,31 @@ def record_round(
     # Kept at the delta of the node's first run (stated in the file): the
     # (epsilon, delta) pair stays a true statement whatever later runs ask for.
     lifetime = SamplePrivacyState.load(lifetime_path, delta=state.delta)
-    lifetime.record(spec)
+    for _ in range(rounds):
+        lifetime.record(spec)
     lifetime.save(lifetime_path)
     return lifetime.epsilon()
+
+
+def assume_spent(
+    context: Context, ledger: SamplePrivacyState, spec: SampleDPRound, rounds_before: int,
+    run_key: str | None,
+) -> None:
+    """Count the rounds before a resume as trained when this node has no ledger of them.
+
+    A resumed run continues rounds ``1..rounds_before`` of an earlier one. A
+    node that kept its ledger (a ``state-dir``) goes on from it; one that did
+    not (a simulation node, a lost folder) cannot know what it spent then, so
+    it assumes the worst: that it trained in every one of those rounds with
+    this round's settings. That may over-count, never under-count.
+    """
+    if rounds_before <= 0 or ledger.rounds > 0:
+        return
+    log(
+        WARNING,
+        "Node %d: no sample privacy ledger for the %d rounds before this resumed run; "
+        "counting them as trained (conservative)",
+        context.node_id,
+        rounds_before,
+    )
+    record_round(context, ledger, spec, run_key, rounds=rounds_before)

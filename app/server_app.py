@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from logging import ERROR, INFO, WARNING
 from pathlib import Path
@@ -15,11 +14,16 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from clients.private_layers import private_variable_paths, split_weights
-from clients.sample_privacy import sample_epsilon
+from clients.sample_privacy import METRIC_SAMPLE_EPSILON, affordable_rounds, sample_epsilon
 from clients.server_training import ServerTrainer, make_server_update_fn
 from clients.training import evaluate, get_model
 from clients.weights import get_weights, set_weights
-from data.federation import build_federation, load_server_data, load_server_split
+from data.federation import (
+    build_federation,
+    load_server_data,
+    load_server_split,
+    local_train_size,
+)
 from strategies.dp_fedavg import DPFedAvg
 from strategies.fedavg import FedAvg, RoundReport, to_arrayrecord, to_numpy
 from strategies.sampling import wait_for_nodes
@@ -119,7 +123,8 @@ def build_strategy(config: RunConfig) -> FedAvg:
         raise ConfigError(f"invalid DP-FedAvg settings: {error}") from error
 
 
-SAMPLE_EPSILON_MAX = "sample-epsilon-max"
+# What FedAvg's metric aggregation makes of the clients' sample-epsilon.
+SAMPLE_EPSILON_MAX = f"{METRIC_SAMPLE_EPSILON}-max"
 
 
 def running_sample_epsilon_max(
@@ -382,34 +387,6 @@ def report_federation(grid: Grid, config: RunConfig, run_dir: Path) -> None:
         log_projected_sample_privacy(config, train_sizes)
 
 
-def local_train_size(num_samples: int, val_fraction: float) -> int:
-    """A client's training-set size after its validation split (as ``load_client_data``)."""
-    if num_samples < 2:
-        return num_samples
-    # scikit-learn's train_test_split holds out ceil(fraction * n).
-    return num_samples - math.ceil(val_fraction * num_samples)
-
-
-def affordable_rounds(
-    num_examples: int, config: RunConfig, max_rounds: int
-) -> int:
-    """Most rounds (<= ``max_rounds``) a client of ``num_examples`` can train within the target."""
-    def epsilon(rounds: int) -> float:
-        return sample_epsilon(
-            num_examples, config.batch_size, config.local_epochs, rounds,
-            config.dp_sgd_noise_multiplier, config.target_sample_delta,
-        )
-
-    low, high = 0, max_rounds  # epsilon grows with rounds: bisect
-    while low < high:
-        mid = (low + high + 1) // 2
-        if epsilon(mid) <= config.target_sample_epsilon:
-            low = mid
-        else:
-            high = mid - 1
-    return low
-
-
 def log_projected_sample_privacy(config: RunConfig, train_sizes: list[int]) -> float:
     """Log the sample-level epsilon the run will spend at most, before round 1.
 
@@ -448,7 +425,11 @@ def log_projected_sample_privacy(config: RunConfig, train_sizes: list[int]) -> f
             "DP-SGD: target-sample-epsilon %g: the smallest client can train %d of %d "
             "rounds before it stops",
             config.target_sample_epsilon,
-            affordable_rounds(smallest, config, rounds),
+            affordable_rounds(
+                smallest, config.batch_size, config.local_epochs,
+                config.dp_sgd_noise_multiplier, config.target_sample_epsilon, rounds,
+                config.target_sample_delta,
+            ),
             rounds,
         )
     return projected

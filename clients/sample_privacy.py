@@ -181,6 +181,30 @@ def sample_epsilon(
     return epsilon_of(composed_event({(spec.sampling_rate, noise_multiplier): total}), delta)
 
 
+def affordable_rounds(
+    num_examples: int,
+    batch_size: int,
+    epochs: int,
+    noise_multiplier: float,
+    target_epsilon: float,
+    max_rounds: int,
+    delta: float = DEFAULT_SAMPLE_DELTA,
+) -> int:
+    """Most rounds (at most ``max_rounds``) of local DP-SGD within ``target_epsilon``.
+
+    Bisection: :func:`sample_epsilon` does not decrease as rounds are added.
+    """
+    low, high = 0, max_rounds
+    while low < high:
+        mid = (low + high + 1) // 2
+        epsilon = sample_epsilon(num_examples, batch_size, epochs, mid, noise_multiplier, delta)
+        if epsilon <= target_epsilon:
+            low = mid
+        else:
+            high = mid - 1
+    return low
+
+
 @dataclass
 class SamplePrivacyState:
     """A client's ledger of the local DP-SGD rounds it took part in.

@@ -8,6 +8,7 @@ reads its own files once per ClientApp process.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from logging import INFO
@@ -164,6 +165,17 @@ def split_local(
     if len(local) < 2:
         return local, local.subset(np.arange(0))
     return stratified_split(local, val_fraction, seed)
+
+
+def local_train_size(num_samples: int, val_fraction: float) -> int:
+    """How many of a client's ``num_samples`` :func:`split_local` leaves for training.
+
+    Without loading the data: scikit-learn's ``train_test_split`` (behind
+    :func:`stratified_split`) holds out ``ceil(val_fraction * n)``.
+    """
+    if num_samples < 2:
+        return num_samples
+    return num_samples - math.ceil(val_fraction * num_samples)
 
 
 @lru_cache(maxsize=64)

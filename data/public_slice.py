@@ -32,14 +32,12 @@ because no client's record is in it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from functools import lru_cache
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from .dataset import LabeledData
-from .federation import Federation, FederationSpec, load_server_split
-from .partition import partition_indices
+from .federation import Federation, FederationSpec, build_federation, load_server_data
 
 PUBLIC_SLICE = "public-slice"
 
@@ -132,31 +130,23 @@ class PublicFederation:
     public: LabeledData
 
 
-@lru_cache(maxsize=4)
 def build_federation_with_public_slice(spec: FederationSpec, server_data: str) -> PublicFederation:
     """Hold out the test set, then the public slice, then partition the rest.
 
-    ``federation.train`` is the client pool (the slice removed) and the
-    partitions index into it, exactly as :func:`data.federation.build_federation`
-    does for the whole training split.
+    :func:`data.federation.build_federation` and
+    :func:`data.federation.load_server_data` of ``spec`` with this
+    ``server-data`` (both cached): ``federation.train`` is the client pool
+    (the slice removed), the partitions index into it, and ``public`` is the
+    slice.
 
     Raises
     ------
     ValueError
         When ``server_data`` names no data (use ``build_federation``) or is invalid.
     """
-    parsed = parse_server_data(server_data)
-    if parsed is None:
+    if parse_server_data(server_data) is None:
         raise ValueError("server-data is empty: there is no public slice to hold out")
-    train, test = load_server_split(spec.dataset, spec.data_path, spec.test_fraction, spec.seed)
-    pool, public = split_public_slice(train, parsed.size, spec.seed)
-    partitions = partition_indices(
-        pool.y,
-        spec.num_partitions,
-        spec.partitioner,
-        seed=spec.seed,
-        dirichlet_alpha=spec.dirichlet_alpha,
-        shards_per_client=spec.shards_per_client,
-        groups=pool.groups,
-    )
-    return PublicFederation(Federation(pool, test, tuple(partitions)), public)
+    spec = replace(spec, server_data=server_data)
+    public = load_server_data(spec)
+    assert public is not None  # server_data names a slice
+    return PublicFederation(build_federation(spec), public)

@@ -193,12 +193,6 @@ def array_specs(record: ArrayRecord) -> dict[str, ArraySpec]:
     }
 
 
-def _only_record(records: Mapping[str, object], what: str) -> object:
-    if len(records) != 1:
-        raise InvalidReply(f"expected exactly one {what}, found {len(records)}")
-    return next(iter(records.values()))
-
-
 def _records(message: Message) -> tuple[list[ArrayRecord], list[MetricRecord]]:
     """The reply's ArrayRecords and MetricRecords, in one pass over its content.
 

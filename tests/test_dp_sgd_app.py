@@ -14,10 +14,10 @@ from flwr.app import Context, RecordDict
 from app.client_app import SAMPLE_BUDGET_EXHAUSTED
 from app.config import parse_run_config
 from app.sample_ledger import LIFETIME_FILE, load_ledger, record_round
-from app.server_app import affordable_rounds, local_train_size, log_projected_sample_privacy
+from app.server_app import log_projected_sample_privacy
 from app.task import federation_spec
-from clients.sample_privacy import STATE_KEY, SampleDPRound
-from data.federation import load_client_data
+from clients.sample_privacy import STATE_KEY, SampleDPRound, affordable_rounds
+from data.federation import build_federation, load_client_data, local_train_size
 from tests.inprocess import node_contexts, run_config, run_federation
 # Written out from Abadi et al. (2016) / Mironov et al. (2019), not from the module under test.
 from tests.test_sample_privacy import independent_epsilon
@@ -59,6 +59,11 @@ def test_replies_carry_the_independently_computed_sample_epsilon(tmp_path: Path)
         node: len(load_client_data(federation_spec(parsed, 2), partition)[0])
         for partition, node in enumerate(sorted(contexts))
     }
+    # The server's projection sizes each client without loading its data.
+    partitions = build_federation(federation_spec(parsed, 2)).partitions
+    assert [local_train_size(len(p), parsed.val_fraction) for p in partitions] == [
+        sizes[node] for node in sorted(contexts)
+    ]
     replies = _train_replies(grid)
     assert len(replies) == 4  # 2 clients x 2 rounds
     seen: dict[int, int] = {}
@@ -171,7 +176,7 @@ def test_projection_is_the_smallest_clients_epsilon_over_all_rounds(caplog) -> N
     with caplog.at_level(logging.INFO, logger="flwr"):
         projected = log_projected_sample_privacy(config, sizes)
     assert projected == pytest.approx(independent_epsilon(sizes[1], 16, 2, 6, 1.1, 1e-5))
-    rounds = affordable_rounds(sizes[1], config, 6)
+    rounds = affordable_rounds(sizes[1], 16, 2, 1.1, 2.0, 6, 1e-5)
     assert 0 <= rounds < 6
     assert independent_epsilon(sizes[1], 16, 2, rounds, 1.1, 1e-5) <= 2.0 if rounds else True
     assert independent_epsilon(sizes[1], 16, 2, rounds + 1, 1.1, 1e-5) > 2.0

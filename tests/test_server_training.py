@@ -63,17 +63,22 @@ def test_parse_server_data() -> None:
 
 @pytest.mark.parametrize("partitioner", ["shards", "iid", "dirichlet"])
 def test_public_slice_is_disjoint_from_test_and_every_client(partitioner, monkeypatch) -> None:
-    import data.public_slice as public_slice
+    import data.federation as federation
+
+    def uncached() -> None:
+        federation.build_federation.cache_clear()
+        federation.load_server_data.cache_clear()
 
     rng = np.random.default_rng(0)
     train = id_data(np.arange(2000), rng.integers(0, 10, 2000))
     test = id_data(np.arange(2000, 2500), rng.integers(0, 10, 500))
-    monkeypatch.setattr(public_slice, "load_server_split", lambda *args: (train, test))
+    monkeypatch.setattr(federation, "load_server_split", lambda *args: (train, test))
     spec = FederationSpec(
         dataset="synthetic", data_path="", partitioner=partitioner, num_partitions=20,
         seed=7, test_fraction=0.2,
     )
-    built = public_slice.build_federation_with_public_slice.__wrapped__(spec, "public-slice:0.05")
+    uncached()
+    built = build_federation_with_public_slice(spec, "public-slice:0.05")
     pool, public = built.federation.train, built.public
     clients = [ids(pool.subset(p)) for p in built.federation.partitions]
     client_ids = set().union(*clients)
@@ -84,8 +89,10 @@ def test_public_slice_is_disjoint_from_test_and_every_client(partitioner, monkey
     assert client_ids | ids(public) == ids(train)  # nothing lost, nothing added
     assert sum(len(c) for c in clients) == len(client_ids)  # clients disjoint
     # Same spec, same parts: what the server and every client compute agrees.
-    again = public_slice.build_federation_with_public_slice.__wrapped__(spec, "public-slice:0.05")
+    uncached()
+    again = build_federation_with_public_slice(spec, "public-slice:0.05")
     assert ids(again.public) == ids(public)
+    uncached()  # leave no synthetic federation in the caches
 
 
 def test_public_slice_of_a_real_dataset_is_stratified() -> None:
