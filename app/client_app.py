@@ -24,7 +24,7 @@ from clients.private_layers import (
     split_weights,
 )
 from clients.proximal import local_seed, train_proximal
-from clients.sample_privacy import SampleDPRound, reply_metrics
+from privacy.sample_accounting import SampleDPRound, reply_metrics
 from clients.training import ModelSpec, get_model, initial_weights, train_locally
 from clients.training import evaluate as evaluate_model
 from clients.weights import get_weights, set_weights
@@ -32,14 +32,14 @@ from data.dataset import LabeledData
 from data.federation import load_client_data
 from data.node_files import load_node_data, node_data
 from data.tasks import apply_task, task_of
-from strategies.clipping import clip_to_reference
+from privacy.clipping import clip_to_reference
 from strategies.dp_fedavg import (
     CONFIG_CLIPPING_NORM,
     CONFIG_LOCAL_DP_DELTA,
     CONFIG_LOCAL_DP_EPSILON,
 )
 from strategies.fedavg import to_arrayrecord, to_numpy
-from strategies.local_dp import privatize_arrays
+from privacy.local_dp import privatize_arrays
 
 from .config import parse_run_config
 from .private_state import load_private, save_private

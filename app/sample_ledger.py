@@ -1,6 +1,6 @@
 """A client's sample-level privacy ledger between rounds: in its node state and in its state folder.
 
-Each node keeps one :class:`clients.sample_privacy.SamplePrivacyState` per run:
+Each node keeps one :class:`privacy.sample_accounting.SamplePrivacyState` per run:
 in ``Context.state`` (as long as the SuperNode process lives) and, when its
 node config names a ``state-dir``, in ``<state-dir>/run-<run-key>/sample-privacy.json``
 so a restarted SuperNode goes on from the privacy it already spent instead
@@ -23,7 +23,7 @@ from pathlib import Path
 from flwr.app import ConfigRecord, Context
 from flwr.common.logger import log
 
-from clients.sample_privacy import (
+from privacy.sample_accounting import (
     STATE_FILE,
     STATE_KEY,
     SampleDPRound,

@@ -14,7 +14,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from clients.private_layers import private_variable_paths, split_weights
-from clients.sample_privacy import METRIC_SAMPLE_EPSILON, affordable_rounds, sample_epsilon
+from privacy.sample_accounting import METRIC_SAMPLE_EPSILON, affordable_rounds, sample_epsilon
 from clients.server_training import ServerTrainer, make_server_update_fn
 from clients.training import evaluate, get_model
 from clients.weights import get_weights, set_weights

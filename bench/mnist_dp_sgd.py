@@ -8,7 +8,7 @@ DP-SGD results (tutorials/README.md: eps 1.20 -> 95.0%, 2.92 -> 96.6%,
 9.74 -> 97.3%; clip 1.0, batch 256, delta 1e-5, their small CNN).
 
 For each target epsilon the noise multiplier is calibrated with the
-accountant of :mod:`clients.sample_privacy` (dp-accounting RDP, Poisson
+accountant of :mod:`privacy.sample_accounting` (dp-accounting RDP, Poisson
 sampling) for the given epochs, batch size and delta.
 
 Usage::
@@ -73,7 +73,7 @@ def tfp_cnn(seed: int):
 
 def calibrate(target: float, n: int, batch: int, epochs: int, delta: float) -> float:
     """Smallest noise multiplier whose sample-level epsilon is at most ``target``."""
-    from clients.sample_privacy import sample_epsilon
+    from privacy.sample_accounting import sample_epsilon
 
     def gap(z: float) -> float:
         return sample_epsilon(n, batch, epochs, 1, z, delta) - target
@@ -91,7 +91,7 @@ def run(
 ) -> dict:
     from clients.dp_sgd import DPSGDTrainer
     from clients.models import build_cnn
-    from clients.sample_privacy import sample_epsilon
+    from privacy.sample_accounting import sample_epsilon
     from data.dataset import LabeledData
 
     x_train, y_train, x_test, y_test = data

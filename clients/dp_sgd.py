@@ -45,7 +45,7 @@ they are rejected.
 
 Batches are Poisson-sampled (each example joins each step with probability
 ``q = B / n``), the assumption of the accountant in
-:mod:`clients.sample_privacy`; the noisy sum is divided by the *expected*
+:mod:`privacy.sample_accounting`; the noisy sum is divided by the *expected*
 batch size ``q n``. The step is a ``tf.function`` whose batch dimension is
 ``None``, so variable batch sizes do not retrace it (one trace per model).
 
@@ -71,7 +71,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 from flwr.common.logger import log
 
-from .sample_privacy import expected_batch_size, num_steps, sampling_rate
+from privacy.sample_accounting import expected_batch_size, num_steps, sampling_rate
 
 if TYPE_CHECKING:  # pragma: no cover
     import keras
@@ -736,7 +736,7 @@ class DPSGDResult:
         Mean per-example training loss over the last epoch's worth of steps
         (not privatised: a statistic of the private data).
     steps : int
-        DP-SGD steps taken (equals :func:`clients.sample_privacy.num_steps`).
+        DP-SGD steps taken (equals :func:`privacy.sample_accounting.num_steps`).
     num_examples : int
         ``n`` of the data trained on.
     """

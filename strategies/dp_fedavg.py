@@ -33,7 +33,7 @@ Each round:
    (e.g. fine-tuning on public server data), applied after it.
 5. With adaptive clipping the noised unclipped fraction moves ``C`` for the
    next round; then the round's DP event is composed into the
-   :class:`~strategies.accounting.PrivacyLedger`.
+   :class:`~privacy.accounting.PrivacyLedger`.
 
 Flower 1.42's DP wrappers differ on each of these points (example-weighted
 mean under ``z C / m`` noise, adaptive clipping driven by the clipped fraction
@@ -67,7 +67,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result
 
-from .accounting import (
+from privacy.accounting import (
     DEFAULT_TARGET_DELTA,
     PrivacyLedger,
     Sampling,
@@ -76,14 +76,14 @@ from .accounting import (
     neighboring_relation,
     round_event,
 )
-from .adaptive_clipping import (
+from privacy.adaptive_clipping import (
     DEFAULT_CLIPPING_LEARNING_RATE,
     DEFAULT_TARGET_UNCLIPPED_QUANTILE,
     QuantileClipEstimator,
     split_noise_multiplier,
 )
 from .aggregation import scaled_update_sum, update_norms, weighted_metrics
-from .clipping import (
+from privacy.clipping import (
     NORM_TOLERANCE,
     InvalidUpdate,
     add_gaussian_noise,
@@ -91,7 +91,7 @@ from .clipping import (
     clip_factor,
 )
 from .fedavg import EvaluateFn, FedAvg, RoundListener, ServerUpdateFn, to_arrayrecord
-from .local_dp import local_dp_noise_stddev
+from privacy.local_dp import local_dp_noise_stddev
 from .sampling import sample_without_replacement, wait_for_nodes
 from .server_optimizers import ServerOptimizer
 from .validation import TrainReply
@@ -230,7 +230,7 @@ class DPFedAvg(FedAvg):
     local_dp_epsilon : float | None (default: None)
         Local DP: clients clip to ``C`` and add Gaussian noise calibrated to
         (``local_dp_epsilon``, ``local_dp_delta``) per round (analytic Gaussian,
-        sensitivity ``2C``, :mod:`strategies.local_dp`); the server adds no
+        sensitivity ``2C``, :mod:`privacy.local_dp`); the server adds no
         noise (``noise_multiplier`` must be 0) and its ledger reports the
         composition of the local guarantee over rounds.
     local_dp_delta : float | None (default: None)

@@ -14,14 +14,14 @@ from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 from flwr.serverapp.strategy import dp_adaptive_clipping as flower_adaptive
 from flwr.supercore.task_identity import TaskIdentity
 
-from strategies.accounting import PrivacyLedger, effective_noise_multiplier, round_event
-from strategies.adaptive_clipping import (
+from privacy.accounting import PrivacyLedger, effective_noise_multiplier, round_event
+from privacy.adaptive_clipping import (
     QuantileClipEstimator,
     geometric_update,
     noised_unclipped_fraction,
     split_noise_multiplier,
 )
-from strategies.clipping import clip_update, sum_arrays
+from privacy.clipping import clip_update, sum_arrays
 from strategies.dp_fedavg import DPFedAvg
 from strategies.fedavg import to_arrayrecord
 from strategies.validation import TrainReply

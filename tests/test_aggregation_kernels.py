@@ -26,7 +26,7 @@ from strategies.aggregation import (
     update_norms,
     weighted_mean,
 )
-from strategies.clipping import l2_norm, model_update
+from privacy.clipping import l2_norm, model_update
 from strategies.validation import decode_array, encode_array
 
 

@@ -12,7 +12,7 @@ from dp_accounting import NeighboringRelation
 from dp_accounting.pld import PLDAccountant
 from dp_accounting.rdp import RdpAccountant
 
-from strategies.accounting import (
+from privacy.accounting import (
     PrivacyLedger,
     calibrate_noise_multiplier,
     delta_warning,
@@ -21,7 +21,7 @@ from strategies.accounting import (
     projected_epsilon,
     round_event,
 )
-from strategies.local_dp import (
+from privacy.local_dp import (
     LOCAL_SENSITIVITY_FACTOR,
     analytic_gaussian_sigma,
     classic_gaussian_sigma,

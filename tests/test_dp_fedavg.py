@@ -15,8 +15,8 @@ import pytest
 from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from strategies.accounting import fixed_sample_size, local_dp_epsilon
-from strategies.clipping import NORM_TOLERANCE, clip_to_reference, l2_norm
+from privacy.accounting import fixed_sample_size, local_dp_epsilon
+from privacy.clipping import NORM_TOLERANCE, clip_to_reference, l2_norm
 from strategies.dp_fedavg import (
     CONFIG_CLIPPING_NORM,
     CONFIG_LOCAL_DP_DELTA,
@@ -25,7 +25,7 @@ from strategies.dp_fedavg import (
     poisson_sample,
 )
 from strategies.fedavg import to_arrayrecord, to_numpy
-from strategies.local_dp import local_dp_noise_stddev, privatize_arrays
+from privacy.local_dp import local_dp_noise_stddev, privatize_arrays
 from strategies.validation import TrainReply
 
 Arrays = dict[str, np.ndarray]
@@ -386,7 +386,7 @@ def test_invalid_settings_are_refused() -> None:
 
 def test_strategies_do_not_import_tensorflow() -> None:
     code = (
-        "import sys, strategies.dp_fedavg, strategies.local_dp, strategies.accounting; "
+        "import sys, strategies.dp_fedavg, privacy.local_dp, privacy.accounting; "
         "print('tensorflow' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -11,7 +11,7 @@ from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 from flwr.supercore.differential_privacy import clip_inputs_inplace
 from flwr.supercore.task_identity import TaskIdentity
 
-from strategies.clipping import add_gaussian_noise, clip_factor, clip_update, l2_norm
+from privacy.clipping import add_gaussian_noise, clip_factor, clip_update, l2_norm
 from strategies.dp_fedavg import DPFedAvg, noise_stddev, noised_mean_update
 from strategies.fedavg import to_arrayrecord
 from strategies.validation import TrainReply
@@ -40,7 +40,7 @@ class StaticGrid:
 
 
 def reference_clip(update: dict[str, np.ndarray], clip: float) -> dict[str, np.ndarray]:
-    """Flat clipping written out independently of strategies.clipping."""
+    """Flat clipping written out independently of privacy.clipping."""
     flat = np.concatenate([np.ravel(v).astype(np.float64) for v in update.values()])
     norm = np.sqrt(np.sum(flat**2))
     factor = 1.0 if norm <= clip else clip / norm

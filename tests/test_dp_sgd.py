@@ -21,7 +21,7 @@ from clients.dp_sgd import (  # noqa: E402
     poisson_batches,
 )
 from clients.models import build_cnn, build_mlp  # noqa: E402
-from clients.sample_privacy import num_steps  # noqa: E402
+from privacy.sample_accounting import num_steps  # noqa: E402
 from data.dataset import LabeledData  # noqa: E402
 
 

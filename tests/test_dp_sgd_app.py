@@ -16,7 +16,7 @@ from app.config import parse_run_config
 from app.sample_ledger import LIFETIME_FILE, load_ledger, record_round
 from app.server_app import log_projected_sample_privacy
 from app.task import federation_spec
-from clients.sample_privacy import STATE_KEY, SampleDPRound, affordable_rounds
+from privacy.sample_accounting import STATE_KEY, SampleDPRound, affordable_rounds
 from data.federation import build_federation, load_client_data, local_train_size
 from tests.inprocess import node_contexts, run_config, run_federation
 # Written out from Abadi et al. (2016) / Mironov et al. (2019), not from the module under test.

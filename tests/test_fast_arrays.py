@@ -19,7 +19,7 @@ from strategies.aggregation import (
     update_norm,
     weighted_mean,
 )
-from strategies.clipping import l2_norm, model_update
+from privacy.clipping import l2_norm, model_update
 from strategies.validation import (
     ArraySpec,
     InvalidReply,

@@ -12,7 +12,7 @@ import pytest
 from dp_accounting.pld import PLDAccountant
 from dp_accounting.rdp import RdpAccountant
 
-from clients.sample_privacy import (
+from privacy.sample_accounting import (
     METRIC_SAMPLE_BUDGET_EXHAUSTED,
     METRIC_SAMPLE_DELTA,
     METRIC_SAMPLE_EPSILON,

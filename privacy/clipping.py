@@ -2,7 +2,7 @@
 
 Pure numpy functions over ``dict[str, np.ndarray]`` (one entry per model
 variable), shared by the server strategy (:mod:`strategies.dp_fedavg`) and by
-clients that clip or noise their own update (:mod:`strategies.local_dp`). No
+clients that clip or noise their own update (:mod:`privacy.local_dp`). No
 TensorFlow.
 
 The clipping is the "flat" clipping of McMahan et al. (2018), "Learning

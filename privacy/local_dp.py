@@ -1,7 +1,7 @@
 """Local differential privacy for a client's model update (numpy only, no TensorFlow).
 
 With local DP a client protects its own update before it leaves the device:
-it clips the update to L2 norm ``C`` (:func:`strategies.clipping.clip_update`)
+it clips the update to L2 norm ``C`` (:func:`privacy.clipping.clip_update`)
 and adds Gaussian noise, so that whatever the server does, each round's
 message is ``(epsilon, delta)``-DP for that client.
 
@@ -24,7 +24,7 @@ for any epsilon. It is kept here (:func:`classic_gaussian_sigma`) for
 comparison only.
 
 The noise comes from a numpy ``Generator``; see
-:func:`strategies.clipping.add_gaussian_noise` on using a CSPRNG in production.
+:func:`privacy.clipping.add_gaussian_noise` on using a CSPRNG in production.
 """
 
 from __future__ import annotations

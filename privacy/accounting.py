@@ -27,7 +27,7 @@ microbatches are used.)
 Adaptive clipping releases a second Gaussian query (the unclipped count) in
 the same round on the same sample; the round's effective multiplier
 ``(z_Delta^-2 + (2 sigma_b)^-2)^(-1/2)`` equals the configured ``z`` by
-construction (:func:`strategies.adaptive_clipping.split_noise_multiplier`), and
+construction (:func:`privacy.adaptive_clipping.split_noise_multiplier`), and
 :func:`round_event` composes the components exactly that way.
 
 Delta: ``target_delta`` defaults to 1e-5, independent of the population so
@@ -362,7 +362,7 @@ def local_dp_epsilon(
     """RDP epsilon of ``num_rounds`` local Gaussian releases by one client.
 
     ``noise_multiplier`` is the local noise stddev over the local sensitivity
-    (``sigma / (2 C)``, see :mod:`strategies.local_dp`). No amplification by
+    (``sigma / (2 C)``, see :mod:`privacy.local_dp`). No amplification by
     sampling is claimed (the server knows who was sampled) and every round is
     counted, whether or not the client took part: an upper bound.
     """

@@ -1,0 +1,1 @@
+"""Differential privacy: mechanisms, randomness, accounting and ledgers (numpy and dp-accounting only)."""
