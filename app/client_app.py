@@ -24,7 +24,6 @@ from clients.private_layers import (
     split_weights,
 )
 from clients.proximal import local_seed, train_proximal
-from privacy.sample_accounting import SampleDPRound, reply_metrics
 from clients.training import ModelSpec, get_model, initial_weights, train_locally
 from clients.training import evaluate as evaluate_model
 from clients.weights import get_weights, set_weights
@@ -33,13 +32,11 @@ from data.federation import load_client_data
 from data.node_files import load_node_data, node_data
 from data.tasks import apply_task, task_of
 from privacy.clipping import clip_to_reference
-from strategies.dp_fedavg import (
-    CONFIG_CLIPPING_NORM,
-    CONFIG_LOCAL_DP_DELTA,
-    CONFIG_LOCAL_DP_EPSILON,
-)
-from strategies.fedavg import to_arrayrecord, to_numpy
 from privacy.local_dp import privatize_arrays
+from privacy.randomness import secure_generator
+from privacy.sample_accounting import SampleDPRound, reply_metrics
+from strategies import protocol
+from strategies.fedavg import to_arrayrecord, to_numpy
 
 from .config import parse_run_config
 from .private_state import load_private, save_private
@@ -53,13 +50,10 @@ from .task import federation_spec, model_spec
 
 app = ClientApp()
 
-# Error code of a reply refused by the private-weight guard.
-PRIVATE_WEIGHT_LEAK = 100
-# Error code of a client that stopped training: another round of DP-SGD
-# would take its sample-level epsilon past target-sample-epsilon.
-SAMPLE_BUDGET_EXHAUSTED = 101
-# Train-config key: rounds an earlier run did before this (resumed) run.
-ROUNDS_BEFORE_RESUME = "rounds-before-resume"
+# Error codes and config keys of the protocol (strategies.protocol).
+PRIVATE_WEIGHT_LEAK = protocol.ERROR_PRIVATE_WEIGHT_LEAK
+SAMPLE_BUDGET_EXHAUSTED = protocol.ERROR_SAMPLE_BUDGET_EXHAUSTED
+ROUNDS_BEFORE_RESUME = protocol.ROUNDS_BEFORE_RESUME
 
 
 @dataclass(frozen=True)
@@ -146,17 +140,17 @@ def outgoing_arrays(
     to ``clipping-norm``; with ``local-dp-epsilon`` it is clipped and noised
     here (the noise drawn from the OS entropy pool, never known to the server).
     """
-    if CONFIG_LOCAL_DP_EPSILON in config:
+    if protocol.LOCAL_DP_EPSILON in config:
         return privatize_arrays(
             local,
             global_arrays,
-            float(config[CONFIG_CLIPPING_NORM]),
-            float(config[CONFIG_LOCAL_DP_EPSILON]),
-            float(config[CONFIG_LOCAL_DP_DELTA]),
-            np.random.default_rng(),
+            float(config[protocol.CLIPPING_NORM]),
+            float(config[protocol.LOCAL_DP_EPSILON]),
+            float(config[protocol.LOCAL_DP_DELTA]),
+            secure_generator(),
         )
-    if CONFIG_CLIPPING_NORM in config:
-        return clip_to_reference(local, global_arrays, float(config[CONFIG_CLIPPING_NORM]))
+    if protocol.CLIPPING_NORM in config:
+        return clip_to_reference(local, global_arrays, float(config[protocol.CLIPPING_NORM]))
     return local
 
 
@@ -175,7 +169,7 @@ def train(msg: Message, context: Context) -> Message:
     loss: float | None
     if run_config.dp_sgd:
         # DP-SGD (Abadi et al. 2016): sample-level privacy of this node's records.
-        run_key = str(config["run-key"]) if "run-key" in config else None
+        run_key = str(config[protocol.RUN_KEY]) if protocol.RUN_KEY in config else None
         ledger = load_ledger(context, run_config.target_sample_delta, run_key)
         spec = SampleDPRound(
             len(setup.train), batch_size, epochs, run_config.dp_sgd_noise_multiplier

@@ -14,7 +14,6 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from clients.private_layers import private_variable_paths, split_weights
-from privacy.sample_accounting import METRIC_SAMPLE_EPSILON, affordable_rounds, sample_epsilon
 from clients.server_training import ServerTrainer, make_server_update_fn
 from clients.training import evaluate, get_model
 from clients.weights import get_weights, set_weights
@@ -24,6 +23,8 @@ from data.federation import (
     load_server_split,
     local_train_size,
 )
+from privacy.sample_accounting import METRIC_SAMPLE_EPSILON, affordable_rounds, sample_epsilon
+from strategies import protocol
 from strategies.dp_fedavg import DPFedAvg
 from strategies.fedavg import FedAvg, RoundReport, to_arrayrecord, to_numpy
 from strategies.sampling import wait_for_nodes
@@ -289,13 +290,13 @@ def main(grid: Grid, context: Context) -> None:
         timeout=config.round_timeout,
         train_config=ConfigRecord(
             {
-                "local-epochs": config.local_epochs,
-                "batch-size": config.batch_size,
-                "learning-rate": config.learning_rate,
+                protocol.LOCAL_EPOCHS: config.local_epochs,
+                protocol.BATCH_SIZE: config.batch_size,
+                protocol.LEARNING_RATE: config.learning_rate,
                 # Names the run across resumes: clients key their ledgers by it.
-                "run-key": run_dir.name,
+                protocol.RUN_KEY: run_dir.name,
                 # A node without a ledger of those rounds counts them as spent.
-                "rounds-before-resume": start_round - 1,
+                protocol.ROUNDS_BEFORE_RESUME: start_round - 1,
             }
         ),
         evaluate_config=ConfigRecord({"batch-size": config.batch_size}),

@@ -82,6 +82,7 @@ from privacy.adaptive_clipping import (
     QuantileClipEstimator,
     split_noise_multiplier,
 )
+from . import protocol
 from .aggregation import scaled_update_sum, update_norms, weighted_metrics
 from privacy.clipping import (
     NORM_TOLERANCE,
@@ -104,10 +105,10 @@ ClippingSide = Literal["server", "client"]
 CLIPPED_BIT_TOLERANCE = 1e-4
 
 # Train-config keys sent to clients that must clip or noise their own update.
-CONFIG_CLIPPING_NORM = "clipping-norm"
-CONFIG_LOCAL_DP_EPSILON = "local-dp-epsilon"
-CONFIG_LOCAL_DP_DELTA = "local-dp-delta"
-CONFIG_LOCAL_DP_STDDEV = "local-dp-noise-stddev"
+CONFIG_CLIPPING_NORM = protocol.CLIPPING_NORM
+CONFIG_LOCAL_DP_EPSILON = protocol.LOCAL_DP_EPSILON
+CONFIG_LOCAL_DP_DELTA = protocol.LOCAL_DP_DELTA
+CONFIG_LOCAL_DP_STDDEV = protocol.LOCAL_DP_STDDEV
 
 
 # ----------------------------------------------------------------- pure math
