@@ -5,8 +5,10 @@ Layout: ``<run_dir>/checkpoints/round-<k>/`` holds
 * ``arrays.npz``: the global shared arrays, one ``.npy`` member per variable path;
 * ``strategy-arrays.npz``: the strategy's numpy state (e.g. server-optimiser moments);
 * ``state.json``: ``{"format-version", "round", "state"}`` where ``state`` is the
-  caller's JSON dict (random-generator states, clipping norm, privacy-ledger
-  events, the run config, ...);
+  caller's JSON dict (the strategy's ``state_dict()``: the seeded non-private
+  sampler's generator, clipping norm, privacy-ledger events; the run config, ...).
+  No privacy-relevant random state is ever in it: DP noise is drawn fresh from
+  the OS each round, so a resumed run never replays a released round's noise;
 * ``manifest.json``: written last; the SHA-256 and size of each file above, the
   array keys in order and the round.
 
@@ -40,7 +42,8 @@ soon as a round's event is composed, before the model is released).
 :func:`resume_run` charges every such round again, the journal's exact events
 first, so epsilon never goes down across a resume. A resumed run that redoes
 round ``k+1`` therefore reports a higher epsilon than an uninterrupted one:
-the first, lost release of round ``k+1`` did happen.
+the first, lost release of round ``k+1`` did happen, and the redone round
+carries fresh, independent noise.
 """
 
 from __future__ import annotations
@@ -63,6 +66,9 @@ from typing import Any
 import numpy as np
 
 from flwr.common.logger import log
+
+from privacy import accounting
+from strategies import sampling
 
 FORMAT_VERSION = 1
 CHECKPOINTS_DIR = "checkpoints"
@@ -440,126 +446,39 @@ def load_latest_checkpoint(run_dir: Path, *, strict: bool = False) -> Checkpoint
     raise CheckpointError(f"no usable checkpoint in {checkpoints_root(run_dir)}: {reasons}")
 
 
-# -------------------------------------------------------- random generators
-_BIT_GENERATORS: dict[str, type[np.random.BitGenerator]] = {
-    "PCG64": np.random.PCG64,
-    "PCG64DXSM": np.random.PCG64DXSM,
-    "Philox": np.random.Philox,
-    "SFC64": np.random.SFC64,
-    "MT19937": np.random.MT19937,
-}
-
-
-def _to_json(value: Any) -> Any:
-    if isinstance(value, np.ndarray):
-        return {"ndarray": value.tolist(), "dtype": value.dtype.str}
-    if isinstance(value, dict):
-        return {key: _to_json(item) for key, item in value.items()}
-    if isinstance(value, np.integer):
-        return int(value)
-    return value
-
-
-def _from_json(value: Any) -> Any:
-    if isinstance(value, dict):
-        if set(value) == {"ndarray", "dtype"}:
-            dtype = np.dtype(value["dtype"])
-            if dtype.hasobject:
-                raise CheckpointError("generator state with an object array")
-            return np.asarray(value["ndarray"], dtype=dtype)
-        return {key: _from_json(item) for key, item in value.items()}
-    return value
-
-
+# ------------------------------------- generators and privacy events (re-exported)
 def generator_state(rng: np.random.Generator) -> dict[str, Any]:
-    """The JSON form of a numpy ``Generator``'s ``bit_generator.state``.
-
-    Integers stay integers (PCG64's 128-bit state is exact in Python's
-    ``json``); arrays (Philox, SFC64, MT19937) become ``{"ndarray", "dtype"}``.
-    """
-    return _to_json(rng.bit_generator.state)
+    """:func:`strategies.sampling.generator_state` (the seeded, non-private sampler only)."""
+    return sampling.generator_state(rng)
 
 
 def restore_generator(rng: np.random.Generator, state: Mapping[str, Any]) -> None:
-    """Set ``rng`` to a state from :func:`generator_state`; later draws are bit-identical.
-
-    Raises
-    ------
-    CheckpointError
-        If the state is of another bit generator or malformed.
-    """
-    name = type(rng.bit_generator).__name__
-    if state.get("bit_generator") != name:
-        raise CheckpointError(
-            f"generator state is for {state.get('bit_generator')!r}, this generator is {name}"
-        )
+    """:func:`strategies.sampling.restore_generator`, raising :class:`CheckpointError`."""
     try:
-        rng.bit_generator.state = _from_json(dict(state))
-    except (TypeError, ValueError, KeyError) as error:
-        raise CheckpointError(f"malformed {name} generator state: {error}") from error
+        sampling.restore_generator(rng, state)
+    except ValueError as error:
+        raise CheckpointError(str(error)) from error
 
 
 def generator_from_state(state: Mapping[str, Any]) -> np.random.Generator:
-    """A new ``Generator`` in the state from :func:`generator_state`."""
-    name = state.get("bit_generator")
-    if name not in _BIT_GENERATORS:
-        raise CheckpointError(f"unknown bit generator {name!r}")
-    rng = np.random.Generator(_BIT_GENERATORS[name]())
-    restore_generator(rng, state)
-    return rng
+    """:func:`strategies.sampling.generator_from_state`, raising :class:`CheckpointError`."""
+    try:
+        return sampling.generator_from_state(state)
+    except ValueError as error:
+        raise CheckpointError(str(error)) from error
 
 
-# ------------------------------------------------------------- privacy events
 def dp_event_to_json(event: Any) -> dict[str, Any]:
-    """A ``dp_accounting`` event as a JSON dict ``{"type": <class name>, <fields>...}``."""
-    import attr  # pylint: disable=import-outside-toplevel
-    from dp_accounting import dp_event  # pylint: disable=import-outside-toplevel
-
-    if not isinstance(event, dp_event.DpEvent) or not attr.has(type(event)):
-        raise TypeError(f"not a dp_accounting event: {event!r}")
-
-    def encode(value: Any) -> Any:
-        if isinstance(value, dp_event.DpEvent):
-            return dp_event_to_json(value)
-        if isinstance(value, (list, tuple)):
-            return [encode(item) for item in value]
-        if isinstance(value, (np.floating, np.integer)):
-            return value.item()
-        return value
-
-    out: dict[str, Any] = {"type": type(event).__name__}
-    for attribute in attr.fields(type(event)):
-        out[attribute.name] = encode(getattr(event, attribute.name))
-    return out
+    """:func:`privacy.accounting.dp_event_to_json`."""
+    return accounting.dp_event_to_json(event)
 
 
 def dp_event_from_json(data: Mapping[str, Any]) -> Any:
-    """The event of :func:`dp_event_to_json`; only ``dp_accounting.dp_event`` classes.
-
-    Raises
-    ------
-    CheckpointError
-        If the type is not a ``dp_accounting`` event or a field is wrong.
-    """
-    from dp_accounting import dp_event  # pylint: disable=import-outside-toplevel
-
-    name = data.get("type")
-    cls = getattr(dp_event, str(name), None)
-    if not (isinstance(cls, type) and issubclass(cls, dp_event.DpEvent)):
-        raise CheckpointError(f"unknown privacy event type {name!r}")
-
-    def decode(value: Any) -> Any:
-        if isinstance(value, dict):
-            return dp_event_from_json(value)
-        if isinstance(value, list):
-            return [decode(item) for item in value]
-        return value
-
-    fields = {key: decode(value) for key, value in data.items() if key != "type"}
+    """:func:`privacy.accounting.dp_event_from_json`, raising :class:`CheckpointError`."""
     try:
-        return cls(**fields)
-    except TypeError as error:
-        raise CheckpointError(f"malformed {name}: {error}") from error
+        return accounting.dp_event_from_json(data)
+    except accounting.LedgerStateError as error:
+        raise CheckpointError(str(error)) from error
 
 
 # ------------------------------------------------------------ strategy state
@@ -581,46 +500,23 @@ def split_state_dict(state: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str
 
 
 def strategy_state(strategy: Any) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """What must survive a restart of a FedAvg or DPFedAvg strategy, as JSON and arrays.
+    """A strategy's ``state_dict()`` as JSON and arrays (optimiser moments as arrays).
 
-    Reads (when present): ``rng`` and ``noise_rng`` (numpy Generators),
-    ``clip_estimator.clipping_norm``, ``ledger`` (``sampling``,
-    ``target_delta``, ``events``, ``epsilon``), ``privacy_history``,
-    ``server_optimizer.state_dict()`` (scalars to JSON, moments to
-    ``server-optimizer/<name>`` arrays); and, for strategies with yet more
-    state, whatever their ``checkpoint_state() -> (dict, dict[str, ndarray])``
-    returns (restored through ``restore_checkpoint_state(dict, arrays)``).
+    The state holds no privacy-relevant random state: DP noise and sampling
+    draw fresh OS entropy each round (:mod:`privacy.randomness`), so a resumed
+    run never replays a released round's noise.
 
     Returns
     -------
     tuple
         ``(state, state_arrays)`` for :func:`save_checkpoint`.
     """
-    state: dict[str, Any] = {"strategy": type(strategy).__name__}
+    state = dict(strategy.state_dict())
     state_arrays: dict[str, np.ndarray] = {}
-    state["rng"] = generator_state(strategy.rng)
-    if (noise_rng := getattr(strategy, "noise_rng", None)) is not None:
-        state["noise-rng"] = generator_state(noise_rng)
-    if (estimator := getattr(strategy, "clip_estimator", None)) is not None:
-        state["clipping-norm"] = float(estimator.clipping_norm)
-    if (ledger := getattr(strategy, "ledger", None)) is not None:
-        state["ledger"] = {
-            "sampling": ledger.sampling,
-            "target-delta": ledger.target_delta,
-            "rounds": ledger.rounds,
-            "epsilon": ledger.epsilon,
-            "events": [dp_event_to_json(e) for e in ledger.events],
-        }
-    if (history := getattr(strategy, "privacy_history", None)) is not None:
-        state["privacy-history"] = [dict(entry) for entry in history]
-    if (optimizer := getattr(strategy, "server_optimizer", None)) is not None:
-        scalars, arrays = split_state_dict(optimizer.state_dict())
+    if "server-optimizer" in state:
+        scalars, arrays = split_state_dict(state["server-optimizer"])
         state["server-optimizer"] = scalars
         state_arrays.update({f"{SERVER_OPTIMIZER_PREFIX}{k}": v for k, v in arrays.items()})
-    if callable(getattr(strategy, "checkpoint_state", None)):
-        custom, custom_arrays = strategy.checkpoint_state()
-        state["custom"] = custom
-        state_arrays.update(custom_arrays)
     return state, state_arrays
 
 
@@ -647,128 +543,48 @@ def restore_strategy_state(
         Rounds released after this checkpoint that it does not hold (see
         :func:`rounds_after_checkpoint`). Under DP each is charged to the
         ledger again, with a WARNING: their models left the server, so their
-        privacy is spent. They are charged as the events of
-        ``released_events`` beyond the checkpoint's, and any further ones as
-        the costliest event known.
+        privacy is spent (:meth:`privacy.accounting.PrivacyLedger.charge_released`).
     released_events : list of dict, optional
-        The ``events`` of :func:`read_privacy_ledger` (the write-ahead
-        journal); used only where they extend the checkpoint's own events.
+        The ``events`` of :func:`read_privacy_ledger` (the write-ahead journal).
 
     Raises
     ------
     CheckpointError
         If the checkpoint is of another strategy, its ledger is of another
         sampling scheme, the strategy's ledger is not empty, the recomputed
-        epsilon differs from the saved one, or rounds need charging and
-        the ledger holds no event to charge them as.
+        epsilon differs from the saved one, the optimiser state does not fit,
+        or rounds need charging and the ledger holds no event to charge them as.
     """
     name = type(strategy).__name__
     if state.get("strategy") != name:
         raise CheckpointError(
             f"checkpoint was written by {state.get('strategy')!r}, this run uses {name}"
         )
-    restore_generator(strategy.rng, state["rng"])
-    if getattr(strategy, "noise_rng", None) is not None:
-        if "noise-rng" not in state:
-            raise CheckpointError("checkpoint lacks the noise generator's state")
-        restore_generator(strategy.noise_rng, state["noise-rng"])
-    if getattr(strategy, "clip_estimator", None) is not None:
-        strategy.clip_estimator.clipping_norm = float(state["clipping-norm"])
-    if getattr(strategy, "ledger", None) is not None:
-        _restore_ledger(strategy.ledger, state["ledger"], uncheckpointed_rounds, released_events)
-    if getattr(strategy, "privacy_history", None) is not None:
-        strategy.privacy_history = [dict(entry) for entry in state.get("privacy-history", [])]
-        if strategy.privacy_history and hasattr(strategy, "last_round_privacy"):
-            last = dict(strategy.privacy_history[-1])
-            last.pop("round", None)
-            strategy.last_round_privacy = last
-    optimizer = getattr(strategy, "server_optimizer", None)
-    if (optimizer is None) != ("server-optimizer" not in state):
-        raise CheckpointError(
-            "checkpoint and run differ in having a server optimiser "
-            f"(checkpoint: {state.get('server-optimizer', {}).get('name')!r}, run: "
-            f"{getattr(optimizer, 'name', None)!r})"
-        )
-    if optimizer is not None:
+    full = dict(state)
+    if "server-optimizer" in full:
         arrays = {
             key[len(SERVER_OPTIMIZER_PREFIX) :]: value
             for key, value in (state_arrays or {}).items()
             if key.startswith(SERVER_OPTIMIZER_PREFIX)
         }
-        try:
-            optimizer.load_state_dict({**state["server-optimizer"], **arrays})
-        except (ValueError, KeyError, TypeError) as error:
-            raise CheckpointError(f"server optimiser state does not fit: {error}") from error
-    if callable(getattr(strategy, "restore_checkpoint_state", None)):
-        strategy.restore_checkpoint_state(state.get("custom", {}), dict(state_arrays or {}))
-
-
-def _restore_ledger(
-    ledger: Any,
-    saved: Mapping[str, Any],
-    uncheckpointed_rounds: int,
-    released_events: list[dict[str, Any]] | None = None,
-) -> None:
-    if ledger.rounds:
+        full["server-optimizer"] = {**full["server-optimizer"], **arrays}
+    if (getattr(strategy, "server_optimizer", None) is None) != ("server-optimizer" not in full):
         raise CheckpointError(
-            f"the strategy's privacy ledger already holds {ledger.rounds} rounds; restore into "
-            "a freshly built strategy so that no round is counted twice"
+            "checkpoint and run differ in having a server optimiser "
+            f"(checkpoint: {full.get('server-optimizer', {}).get('name')!r}, run: "
+            f"{getattr(strategy.server_optimizer, 'name', None)!r})"
         )
-    if saved["sampling"] != ledger.sampling:
-        raise CheckpointError(
-            f"checkpoint's privacy ledger is for {saved['sampling']!r} sampling, this run "
-            f"uses {ledger.sampling!r}"
-        )
-    if not math.isclose(float(saved["target-delta"]), ledger.target_delta, rel_tol=1e-12):
-        log(
-            WARNING,
-            "Resuming with target-delta %g (the checkpoint reported epsilon at %g)",
-            ledger.target_delta,
-            saved["target-delta"],
-        )
-    events = [dp_event_from_json(item) for item in saved["events"]]
-    if len(events) != saved["rounds"]:
-        raise CheckpointError(f"ledger lists {len(events)} events for {saved['rounds']} rounds")
-    for event in events:
-        ledger.compose(event)
-    if math.isclose(float(saved["target-delta"]), ledger.target_delta, rel_tol=1e-12):
-        saved_epsilon = float(saved["epsilon"])
-        if not (
-            math.isclose(ledger.epsilon, saved_epsilon, rel_tol=1e-9, abs_tol=1e-12)
-            or (math.isinf(saved_epsilon) and math.isinf(ledger.epsilon))
-        ):
-            raise CheckpointError(
-                f"restored ledger gives epsilon {ledger.epsilon!r}, the checkpoint recorded "
-                f"{saved_epsilon!r}"
-            )
     try:
-        journal = [dp_event_from_json(item) for item in (released_events or [])]
-    except CheckpointError as error:
-        raise CheckpointError(f"{LEDGER_FILE}: {error}") from error
-    known = journal[len(events) :] if journal[: len(events)] == events else []
-    if journal and not known and len(journal) > len(events):
-        log(WARNING, "%s does not extend the checkpoint's ledger; not used", LEDGER_FILE)
-    uncheckpointed_rounds = max(uncheckpointed_rounds, len(known))
-    if uncheckpointed_rounds > 0:
-        if not events and not known:
-            raise CheckpointError(
-                f"{uncheckpointed_rounds} round(s) were released after this checkpoint, which "
-                "holds no privacy event to charge them as; epsilon cannot be bounded, start a "
-                "new run"
-            )
-        costliest = max(set(events) | set(known), key=ledger.epsilon_after)
-        before = ledger.epsilon
-        for index in range(uncheckpointed_rounds):
-            ledger.compose(known[index] if index < len(known) else costliest)
-        log(
-            WARNING,
-            "%d round(s) were released after the checkpoint but are not in it; charged to "
-            "the privacy ledger again: epsilon %.4g -> %.4g",
-            uncheckpointed_rounds,
-            before,
-            ledger.epsilon,
+        strategy.load_state_dict(full)
+        strategy.aggregator.account_released_rounds(
+            uncheckpointed_rounds, released_events or []
         )
-    log(INFO, "Privacy ledger restored: %d events, epsilon %.4g", ledger.rounds, ledger.epsilon)
+    except accounting.LedgerStateError as error:
+        raise CheckpointError(str(error)) from error
+    except (ValueError, KeyError, TypeError) as error:
+        raise CheckpointError(f"strategy state does not fit: {error}") from error
+    if (ledger := getattr(strategy, "ledger", None)) is not None:
+        log(INFO, "Privacy ledger restored: %d events, epsilon %.4g", ledger.rounds, ledger.epsilon)
 
 
 # ------------------------------------------------------- write-ahead ledger
@@ -788,14 +604,7 @@ def write_privacy_ledger(run_dir: Path, server_round: int, ledger: Any) -> Path:
     path = run_dir / LEDGER_FILE
     write_json_atomically(
         path,
-        {
-            "round": server_round,
-            "sampling": ledger.sampling,
-            "target-delta": ledger.target_delta,
-            "rounds": ledger.rounds,
-            "epsilon": _finite_or_none(ledger.epsilon),
-            "events": [dp_event_to_json(e) for e in ledger.events],
-        },
+        {"round": server_round, **ledger.state_dict()},
     )
     return path
 
@@ -818,10 +627,6 @@ def read_privacy_ledger(run_dir: Path) -> dict[str, Any] | None:
         )
         return None
     return content
-
-
-def _finite_or_none(value: float) -> float | None:
-    return value if math.isfinite(value) else None
 
 
 # ------------------------------------------------------------------ resuming

@@ -2,7 +2,12 @@
 
 Only shared variables ever leave the node: the private ones (``private-layers``)
 stay in the node's state between rounds, and a guard refuses any reply that
-would carry anything else.
+would carry anything else, or anything not shaped and typed as the server sent it.
+
+The run config is the server side's choice; the node's own limits in its node
+config (:mod:`privacy.node_limits`) bind whatever it asks. A message that would
+weaken them is answered with an error reply before anything is trained, saved
+or sent.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from clients.private_layers import (
     PrivateWeightLeak,
     guard_outgoing,
     private_variable_paths,
+    shared_spec,
     split_weights,
 )
 from clients.proximal import local_seed, train_proximal
@@ -33,12 +39,21 @@ from data.node_files import load_node_data, node_data
 from data.tasks import apply_task, task_of
 from privacy.clipping import clip_to_reference
 from privacy.local_dp import privatize_arrays
+from privacy.node_limits import (
+    NodeLimits,
+    ServerRequest,
+    Violation,
+    effective_sample_epsilon,
+    parse_node_limits,
+    private_layer_violations,
+    violations,
+)
 from privacy.randomness import secure_generator
 from privacy.sample_accounting import SampleDPRound, reply_metrics
 from strategies import protocol
 from strategies.fedavg import to_arrayrecord, to_numpy
 
-from .config import parse_run_config
+from .config import RunConfig, parse_run_config
 from .private_state import load_private, save_private
 from .sample_ledger import (
     METRIC_SAMPLE_EPSILON_ALL_RUNS,
@@ -53,12 +68,18 @@ app = ClientApp()
 # Error codes and config keys of the protocol (strategies.protocol).
 PRIVATE_WEIGHT_LEAK = protocol.ERROR_PRIVATE_WEIGHT_LEAK
 SAMPLE_BUDGET_EXHAUSTED = protocol.ERROR_SAMPLE_BUDGET_EXHAUSTED
+NODE_PRIVACY_LIMIT = protocol.ERROR_NODE_PRIVACY_LIMIT
 ROUNDS_BEFORE_RESUME = protocol.ROUNDS_BEFORE_RESUME
 
 
 @dataclass(frozen=True)
 class LocalSetup:
-    """What a node works with: its data for its task, its model, the weight split."""
+    """What a node works with: its data for its task, its model, the weight split.
+
+    ``private_paths`` is the union of what the server's ``private-layers``
+    and the node's own (``node_private_paths``) keep on the node;
+    ``shared_paths`` is every other variable.
+    """
 
     partition_id: int
     task: str
@@ -67,6 +88,9 @@ class LocalSetup:
     spec: ModelSpec
     private_paths: frozenset[str]
     shared_paths: frozenset[str]
+    limits: NodeLimits = NodeLimits()
+    server_private_paths: frozenset[str] = frozenset()
+    node_private_paths: frozenset[str] = frozenset()
 
 
 @lru_cache(maxsize=16)
@@ -82,9 +106,17 @@ def local_setup(context: Context) -> LocalSetup:
     In simulation Flower sets ``partition-id`` and ``num-partitions``; a
     deployed SuperNode gets them, or ``data-path`` (an institution's own
     file, loaded alone and not partitioned), from ``--node-config``: one code
-    path (:mod:`data.node_files`).
+    path (:mod:`data.node_files`). The node's privacy limits come from the
+    same node config; a bad one fails here, before any data is loaded.
+
+    Raises
+    ------
+    ValueError
+        For a bad node config or private-layers that, united, leave nothing
+        to share.
     """
     config = parse_run_config(context.run_config)
+    limits = parse_node_limits(context.node_config)
     source = node_data(context.node_config)
     partition_id = source.partition_id
     if source.data_path is not None:
@@ -99,8 +131,19 @@ def local_setup(context: Context) -> LocalSetup:
     task = task_of(partition_id, config.client_tasks)
     train, val = apply_task(train, task), apply_task(val, task)
     spec = model_spec(config, train)
-    private, shared = _private_paths(spec, config.private_layers)
-    return LocalSetup(partition_id, task, train, val, spec, private, shared)
+    server_private, server_shared = _private_paths(spec, config.private_layers)
+    node_private, node_shared = _private_paths(spec, limits.private_layers)
+    shared = server_shared & node_shared
+    if not shared:
+        raise ValueError(
+            f"run config private-layers={config.private_layers!r} and node config "
+            f"private-layers={limits.private_layers!r} together make every variable "
+            "private; nothing would be shared"
+        )
+    return LocalSetup(
+        partition_id, task, train, val, spec, server_private | node_private, shared,
+        limits, server_private, node_private,
+    )
 
 
 def private_part(context: Context, setup: LocalSetup) -> dict[str, np.ndarray]:
@@ -126,7 +169,7 @@ def received_shared(msg: Message, setup: LocalSetup) -> dict[str, np.ndarray]:
             "the server sent arrays "
             f"{sorted(set(arrays) - setup.shared_paths)} that are not shared variables "
             f"and lacks {sorted(setup.shared_paths - set(arrays))}; "
-            "do the server and the client agree on private-layers?"
+            "do the server's private-layers and the node's agree?"
         )
     return arrays
 
@@ -154,15 +197,49 @@ def outgoing_arrays(
     return local
 
 
+def server_request(msg: Message, setup: LocalSetup, run_config: RunConfig) -> ServerRequest:
+    """What the server asks of this node: its run config's privacy and the arrays it sent."""
+    return ServerRequest(
+        dp_sgd=run_config.dp_sgd,
+        dp_sgd_noise_multiplier=run_config.dp_sgd_noise_multiplier,
+        target_sample_epsilon=run_config.target_sample_epsilon,
+        target_sample_delta=run_config.target_sample_delta,
+        private_layers=run_config.private_layers,
+        private_paths=setup.server_private_paths,
+        sent_paths=frozenset(msg.content[protocol.ARRAYS].keys()),
+    )
+
+
+def refusal(msg: Message, context: Context, found: list[Violation]) -> Message:
+    """The error reply to a message that would weaken the node's limits: no content at all."""
+    reason = (
+        f"node-privacy-limit: node {context.node_id} refuses this "
+        f"{msg.metadata.message_type} message, which would weaken its node config's "
+        "limits: " + "; ".join(str(v) for v in found)
+    )
+    log(WARNING, "%s", reason)
+    return Message(Error(code=NODE_PRIVACY_LIMIT, reason=reason), reply_to=msg)
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Train the received global model (with this node's private part) and send back the shared part."""
+    """Train the received global model (with this node's private part) and send back the shared part.
+
+    Refused with a ``NODE_PRIVACY_LIMIT`` error reply, before the model is
+    touched, when the run config or the sent arrays would weaken the node's
+    limits (:func:`privacy.node_limits.violations`).
+    """
     setup = local_setup(context)
+    run_config = parse_run_config(context.run_config)
+    found = violations(
+        setup.limits, server_request(msg, setup, run_config), setup.node_private_paths
+    )
+    if found:
+        return refusal(msg, context, found)
     model = get_model(setup.spec)
     global_arrays = received_shared(msg, setup)
     set_weights(model, {**global_arrays, **private_part(context, setup)})
     config = msg.content["config"]
-    run_config = parse_run_config(context.run_config)
     epochs, batch_size = int(config["local-epochs"]), int(config["batch-size"])
     learning_rate = float(config["learning-rate"])
     metrics: dict[str, float | int] = {}
@@ -175,12 +252,14 @@ def train(msg: Message, context: Context) -> Message:
             len(setup.train), batch_size, epochs, run_config.dp_sgd_noise_multiplier
         )
         assume_spent(context, ledger, spec, int(config.get(ROUNDS_BEFORE_RESUME, 0)), run_key)
-        if ledger.would_exceed(run_config.target_sample_epsilon, spec):
+        # The stricter of the server's target and the node's own max-sample-epsilon.
+        budget = effective_sample_epsilon(setup.limits, run_config.target_sample_epsilon)
+        if ledger.would_exceed(budget.epsilon, spec):
             reason = (
                 f"sample-budget-exhausted: node {context.node_id} stops training; another "
                 f"round would take its sample-level epsilon from {ledger.epsilon():.4g} to "
-                f"{ledger.epsilon_after(spec):.4g} > target-sample-epsilon "
-                f"{run_config.target_sample_epsilon:g} (delta {ledger.delta:g}, "
+                f"{ledger.epsilon_after(spec):.4g} > {budget.key} "
+                f"{budget.epsilon:g} (delta {ledger.delta:g}, "
                 f"{ledger.rounds} rounds trained)"
             )
             log(WARNING, "%s", reason)
@@ -224,7 +303,7 @@ def train(msg: Message, context: Context) -> Message:
         save_private(context, private)
     arrays = outgoing_arrays(shared, global_arrays, config)
     try:
-        guard_outgoing(arrays, setup.shared_paths)
+        guard_outgoing(arrays, setup.shared_paths, shared_spec(global_arrays))
     except PrivateWeightLeak as leak:
         log(WARNING, "Node %d: %s", context.node_id, leak)
         return Message(Error(code=PRIVATE_WEIGHT_LEAK, reason=str(leak)), reply_to=msg)
@@ -250,9 +329,18 @@ def evaluate(msg: Message, context: Context) -> Message:
     ``eval-*``: the global shared weights with the seeded initial private part
     (what a newcomer would get; the global model itself when nothing is
     private). ``personalized-*``: the global shared weights with this node's
-    own private part.
+    own private part. The private part is the union of the server's and the
+    node's ``private-layers``; a server that sends any of the node's own
+    private variables is refused as in :func:`train`.
     """
     setup = local_setup(context)
+    run_config = parse_run_config(context.run_config)
+    # Only metrics leave; DP-SGD limits bind training, the private split binds both.
+    found = private_layer_violations(
+        setup.limits, server_request(msg, setup, run_config), setup.node_private_paths
+    )
+    if found:
+        return refusal(msg, context, found)
     model = get_model(setup.spec)
     global_arrays = received_shared(msg, setup)
     _, initial = split_weights(initial_weights(setup.spec), setup.private_paths)

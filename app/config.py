@@ -75,6 +75,12 @@ RULES: dict[str, Rule] = {
     "test-fraction": _OPEN_UNIT,
     "val-fraction": _OPEN_UNIT,
     "seed": _NON_NEGATIVE_INT,
+    "insecure-dp-seed": Rule(
+        int,
+        "-1 (off: DP noise and sampling from fresh OS entropy, the only private setting) "
+        "or a seed >= 0 (tests only: the DP noise is replayable, the run is NOT PRIVATE)",
+        lambda v: v >= -1,
+    ),
     "output-dir": _NON_EMPTY_STR,
     "round-timeout": _POSITIVE_FLOAT,
     "node-wait-timeout": _POSITIVE_FLOAT,
@@ -139,6 +145,7 @@ class RunConfig:
     test_fraction: float
     val_fraction: float
     seed: int
+    insecure_dp_seed: int
     output_dir: str
     round_timeout: float
     node_wait_timeout: float

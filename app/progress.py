@@ -127,6 +127,8 @@ def format_round_line(
     if server_round == 0:
         return f"[round 0/{num_rounds}] initial model | {central}"
     parts = [f"[round {server_round}/{num_rounds}] train-loss {_fmt(entry.get('train-loss'))}"]
+    if number(entry.get("not-private")):
+        parts.append("NOT PRIVATE (insecure-dp-seed)")
     parts.append(central)
     parts.append(f"federated accuracy {_fmt(entry.get('federated-accuracy'))}")
     personalised = number(entry.get("personalized-accuracy"))
@@ -231,6 +233,13 @@ def format_summary(metrics: Mapping[str, Any], run_dir: Path, total_s: float | N
     planned = "?" if s["num-rounds"] is None else s["num-rounds"]
     dataset = f", dataset {s['dataset']}" if s["dataset"] else ""
     lines = [f"Run {run_dir.name} ({s['strategy']}{dataset}): {s['rounds-done']}/{planned} rounds"]
+    if (metrics.get("privacy") or {}).get("private") is False or any(
+        number(e.get("not-private")) for e in metrics.get("rounds", [])
+    ):
+        lines.append(
+            "  NOT PRIVATE: the DP noise came from insecure-dp-seed and can be replayed; "
+            "the epsilon below does not hold"
+        )
     if s["best-accuracy"] is not None:
         lines.append(f"  best central accuracy  {s['best-accuracy']:.4f} (round {s['best-round']})")
     if s["final-round"] is not None:

@@ -23,6 +23,8 @@ from data.federation import (
     load_server_split,
     local_train_size,
 )
+from privacy.central import NOT_COVERED
+from privacy.randomness import NOT_PRIVATE
 from privacy.sample_accounting import METRIC_SAMPLE_EPSILON, affordable_rounds, sample_epsilon
 from strategies import protocol
 from strategies.dp_fedavg import DPFedAvg
@@ -118,6 +120,7 @@ def build_strategy(config: RunConfig) -> FedAvg:
             target_unclipped_quantile=config.target_unclipped_quantile,
             clipping_learning_rate=config.clipping_learning_rate,
             local_dp_epsilon=config.local_dp_epsilon or None,
+            insecure_dp_seed=None if config.insecure_dp_seed < 0 else config.insecure_dp_seed,
             **common,
         )
     except ValueError as error:
@@ -167,6 +170,37 @@ def log_dp_sgd_meaning(config: RunConfig) -> None:
         )
 
 
+#: Per-round flag in metrics.json of a DP run whose noise a seed replays (insecure-dp-seed).
+NOT_PRIVATE_KEY = "not-private"
+
+
+def privacy_statement(config: RunConfig, strategy: FedAvg) -> dict[str, object]:
+    """What the run's privacy figures mean, written once at the top of ``metrics.json``.
+
+    Who is protected against whom, under which neighbouring relation, and
+    which published figures the guarantee does not cover (see README,
+    "Threat model").
+    """
+    statement: dict[str, object] = {"user-level-dp": isinstance(strategy, DPFedAvg)}
+    if isinstance(strategy, DPFedAvg):
+        statement.update(
+            {
+                "private": strategy.private,
+                "stamp": "private" if strategy.private else NOT_PRIVATE,
+                "protects": "each client's whole contribution, against anyone who sees the "
+                "released models or these figures (not against the server: central DP)",
+                "relation": strategy.mechanism.relation,
+                "not-covered": list(NOT_COVERED),
+            }
+        )
+    if config.dp_sgd:
+        statement["sample-level-dp"] = (
+            "each training record of a client, against the server and anyone after it "
+            "(DP-SGD on the client; randomness from the client's OS)"
+        )
+    return statement
+
+
 def round_entry(report: RoundReport, strategy: FedAvg | None = None) -> dict[str, float | int]:
     """One round's entry of ``metrics.json`` (with the privacy ledger's figures under DP)."""
     entry: dict[str, float | int] = {"round": report.server_round}
@@ -182,8 +216,9 @@ def round_entry(report: RoundReport, strategy: FedAvg | None = None) -> dict[str
         entry["num-accepted"] = report.num_accepted
         entry["num-rejected"] = report.num_rejected
         entry["elapsed-s"] = round(report.elapsed_s, 3)
-        if isinstance(strategy, DPFedAvg):
-            entry.update(strategy.last_round_privacy)
+        entry.update(report.aggregation_metrics)
+        if isinstance(strategy, DPFedAvg) and not strategy.private:
+            entry[NOT_PRIVATE_KEY] = 1
         trainer = getattr(strategy, "server_update_fn", None)
         if isinstance(trainer, ServerTrainer) and trainer.last_loss is not None:
             entry["server-train-loss"] = trainer.last_loss
@@ -255,6 +290,7 @@ def main(grid: Grid, context: Context) -> None:
         )
 
     metrics_log = MetricsLog(run_dir / "metrics.json", config.as_dict(), kept)
+    metrics_log.content["privacy"] = privacy_statement(config, strategy)
     tensorboard = TensorBoardLog.rebuild(run_dir, kept) if kept else TensorBoardLog(run_dir)
     round_times = [float(e["elapsed-s"]) for e in kept if e.get("elapsed-s") is not None]
     if isinstance(strategy, DPFedAvg):

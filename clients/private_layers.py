@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
@@ -23,7 +23,7 @@ HEAD_LAYER = "head"
 
 
 class PrivateWeightLeak(RuntimeError):
-    """An outgoing array is not a shared variable; the message names it."""
+    """An outgoing array is not a shared variable as the server sent it; the message names it."""
 
 
 def _normalization_layers(model: keras.Model) -> list[keras.layers.Layer]:
@@ -113,22 +113,69 @@ def split_weights(
     return shared, private
 
 
+class ArraySpec(NamedTuple):
+    """What an outgoing array must be: the shape and dtype of the array the server sent."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+
+def shared_spec(arrays: Mapping[str, np.ndarray]) -> dict[str, ArraySpec]:
+    """The spec both sides share: names, shapes and dtypes of the received global arrays."""
+    return {
+        key: ArraySpec(tuple(np.shape(value)), np.asarray(value).dtype)
+        for key, value in arrays.items()
+    }
+
+
 def guard_outgoing(
-    arrays: Mapping[str, np.ndarray], shared_paths: frozenset[str]
+    arrays: Mapping[str, np.ndarray],
+    shared_paths: frozenset[str],
+    spec: Mapping[str, ArraySpec] | None = None,
 ) -> None:
-    """Refuse to send any array whose key is not a shared variable.
+    """Refuse to send anything but the shared variables, as the server sent them.
 
     The last check before a reply leaves the client, so that no bug upstream
-    can ever leak a private weight.
+    can ever leak a private weight. Names alone are not enough: a private
+    head of a task with its own label space, or a private array put under a
+    shared name, can carry another variable's key. With ``spec`` every
+    outgoing array must also have the key set, shape and dtype of what the
+    server sent.
+
+    Parameters
+    ----------
+    arrays : Mapping[str, numpy.ndarray]
+        What the reply would carry.
+    shared_paths : frozenset of str
+        The model's shared variable paths: no other key may leave.
+    spec : Mapping[str, ArraySpec], optional
+        :func:`shared_spec` of the received global arrays; None checks keys only.
 
     Raises
     ------
     PrivateWeightLeak
-        Naming every offending key.
+        Naming every offending key (and, with ``spec``, every missing key and
+        every shape or dtype that differs from the server's).
     """
     leaked = sorted(set(arrays) - shared_paths)
     if leaked:
         raise PrivateWeightLeak(
             f"refusing to send {len(leaked)} array(s) that are not shared "
             f"variables: {', '.join(leaked)}"
+        )
+    if spec is None:
+        return
+    problems = [f"{key} was not sent by the server" for key in sorted(set(arrays) - set(spec))]
+    problems += [f"{key} is missing" for key in sorted(set(spec) - set(arrays))]
+    for key in sorted(set(arrays) & set(spec)):
+        shape, dtype = tuple(np.shape(arrays[key])), np.asarray(arrays[key]).dtype
+        expected = spec[key]
+        if shape != tuple(expected.shape) or dtype != expected.dtype:
+            problems.append(
+                f"{key} is {dtype}{list(shape)} where the server sent "
+                f"{expected.dtype}{list(expected.shape)}"
+            )
+    if problems:
+        raise PrivateWeightLeak(
+            "refusing to send arrays that do not match the shared spec: " + "; ".join(problems)
         )

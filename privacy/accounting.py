@@ -38,10 +38,11 @@ warns when it is not, i.e. for more than 1e5 clients).
 from __future__ import annotations
 
 import functools
+import logging
 import math
 from collections import Counter
-from collections.abc import Sequence
-from typing import Literal
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
 
 import dp_accounting
 import numpy as np
@@ -146,6 +147,66 @@ def round_event(
             event=dp_accounting.GaussianDpEvent(z / 2.0),
         )
     raise ValueError(f"client-sampling must be one of {SAMPLING_SCHEMES}, got {sampling!r}")
+
+
+class LedgerStateError(ValueError):
+    """A saved ledger or privacy event that cannot be restored; the message says why."""
+
+
+# Flower's logger by name: the same handler as the rest of the app, without importing flwr.
+_LOGGER = logging.getLogger("flwr")
+
+
+def dp_event_to_json(event: Any) -> dict[str, Any]:
+    """A ``dp_accounting`` event as a JSON dict ``{"type": <class name>, <fields>...}``."""
+    import attr  # pylint: disable=import-outside-toplevel
+    from dp_accounting import dp_event  # pylint: disable=import-outside-toplevel
+
+    if not isinstance(event, dp_event.DpEvent) or not attr.has(type(event)):
+        raise TypeError(f"not a dp_accounting event: {event!r}")
+
+    def encode(value: Any) -> Any:
+        if isinstance(value, dp_event.DpEvent):
+            return dp_event_to_json(value)
+        if isinstance(value, (list, tuple)):
+            return [encode(item) for item in value]
+        if isinstance(value, (np.floating, np.integer)):
+            return value.item()
+        return value
+
+    out: dict[str, Any] = {"type": type(event).__name__}
+    for attribute in attr.fields(type(event)):
+        out[attribute.name] = encode(getattr(event, attribute.name))
+    return out
+
+
+def dp_event_from_json(data: Mapping[str, Any]) -> dp_accounting.DpEvent:
+    """The event of :func:`dp_event_to_json`; only ``dp_accounting.dp_event`` classes.
+
+    Raises
+    ------
+    LedgerStateError
+        If the type is not a ``dp_accounting`` event or a field is wrong.
+    """
+    from dp_accounting import dp_event  # pylint: disable=import-outside-toplevel
+
+    name = data.get("type")
+    cls = getattr(dp_event, str(name), None)
+    if not (isinstance(cls, type) and issubclass(cls, dp_event.DpEvent)):
+        raise LedgerStateError(f"unknown privacy event type {name!r}")
+
+    def decode(value: Any) -> Any:
+        if isinstance(value, dict):
+            return dp_event_from_json(value)
+        if isinstance(value, list):
+            return [decode(item) for item in value]
+        return value
+
+    fields = {key: decode(value) for key, value in data.items() if key != "type"}
+    try:
+        return cls(**fields)
+    except TypeError as error:
+        raise LedgerStateError(f"malformed {name}: {error}") from error
 
 
 class PrivacyLedger:
@@ -259,6 +320,105 @@ class PrivacyLedger:
             else:
                 hi = mid
         return lo
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """The ledger as JSON-ready values: sampling, delta, rounds, epsilon, events."""
+        epsilon = self.epsilon
+        return {
+            "sampling": self.sampling,
+            "target-delta": self.target_delta,
+            "rounds": self.rounds,
+            "epsilon": epsilon if math.isfinite(epsilon) else None,
+            "events": [dp_event_to_json(event) for event in self._events],
+        }
+
+    def load_state_dict(self, saved: Mapping[str, Any]) -> None:
+        """Compose the events of a :meth:`state_dict` into this (empty) ledger.
+
+        Raises
+        ------
+        LedgerStateError
+            If this ledger already holds rounds (a round would be counted
+            twice), the saved one is of another sampling scheme, lists a
+            different number of events than rounds, or its events give another
+            epsilon than it recorded.
+        """
+        if self.rounds:
+            raise LedgerStateError(
+                f"the privacy ledger already holds {self.rounds} rounds; restore into a fresh "
+                "ledger so that no round is counted twice"
+            )
+        if saved["sampling"] != self.sampling:
+            raise LedgerStateError(
+                f"saved privacy ledger is for {saved['sampling']!r} sampling, this run uses "
+                f"{self.sampling!r}"
+            )
+        same_delta = math.isclose(float(saved["target-delta"]), self.target_delta, rel_tol=1e-12)
+        if not same_delta:
+            _LOGGER.warning(
+                "Resuming with target-delta %g (the saved ledger reported epsilon at %g)",
+                self.target_delta,
+                saved["target-delta"],
+            )
+        events = [dp_event_from_json(item) for item in saved["events"]]
+        if len(events) != saved["rounds"]:
+            raise LedgerStateError(f"ledger lists {len(events)} events for {saved['rounds']} rounds")
+        for event in events:
+            self.compose(event)
+        if same_delta:
+            recorded = saved.get("epsilon")
+            saved_epsilon = math.inf if recorded is None else float(recorded)
+            if not (
+                math.isclose(self.epsilon, saved_epsilon, rel_tol=1e-9, abs_tol=1e-12)
+                or (math.isinf(saved_epsilon) and math.isinf(self.epsilon))
+            ):
+                raise LedgerStateError(
+                    f"restored ledger gives epsilon {self.epsilon!r}, the saved one recorded "
+                    f"{saved_epsilon!r}"
+                )
+
+    def charge_released(
+        self, rounds: int, journal: Sequence[Mapping[str, Any]] | None = None
+    ) -> None:
+        """Charge rounds whose models were released after the state this ledger was loaded from.
+
+        A run resumed from an older checkpoint re-runs rounds that had already
+        released a model; each release spent privacy, so those rounds are
+        composed again (and the re-run composes its own). ``journal`` holds
+        the events of the write-ahead ledger file; the ones beyond this
+        ledger's are charged as they were, any further rounds as the costliest
+        event known (never an under-count).
+
+        Raises
+        ------
+        LedgerStateError
+            If rounds need charging and no event is known to charge them as.
+        """
+        events = self.events
+        known_journal = [dp_event_from_json(item) for item in (journal or [])]
+        known = known_journal[len(events) :] if known_journal[: len(events)] == events else []
+        if known_journal and not known and len(known_journal) > len(events):
+            _LOGGER.warning("the write-ahead ledger does not extend the saved one; not used")
+        rounds = max(rounds, len(known))
+        if rounds <= 0:
+            return
+        if not events and not known:
+            raise LedgerStateError(
+                f"{rounds} round(s) were released after the saved state, which holds no "
+                "privacy event to charge them as; epsilon cannot be bounded, start a new run"
+            )
+        costliest = max(set(events) | set(known), key=self.epsilon_after)
+        before = self.epsilon
+        for index in range(rounds):
+            self.compose(known[index] if index < len(known) else costliest)
+        _LOGGER.warning(
+            "%d round(s) were released after the checkpoint but are not in it; charged to "
+            "the privacy ledger again: epsilon %.4g -> %.4g",
+            rounds,
+            before,
+            self.epsilon,
+        )
 
 
 def projected_epsilon(

@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -24,9 +24,17 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
-from .aggregation import finite_weighted_mean, weighted_metrics
-from .sampling import sample_size, sample_without_replacement, wait_for_nodes
+from . import protocol
+from .aggregation import weighted_metrics
+from .sampling import (
+    generator_state,
+    restore_generator,
+    sample_size,
+    sample_without_replacement,
+    wait_for_nodes,
+)
 from .server_optimizers import ServerOptimizer
+from .stages import AggregationStage, WeightedMean
 from .validation import (
     ArraySpec,
     EvaluateReply,
@@ -59,6 +67,8 @@ class RoundReport:
     num_rejected: int = 0
     elapsed_s: float = 0.0
     arrays: ArrayRecord | None = None
+    #: The aggregation stage's figures of the round (DP-FedAvg: epsilon, noise ...).
+    aggregation_metrics: dict[str, float] = field(default_factory=dict)
 
 
 RoundListener = Callable[[RoundReport], None]
@@ -224,6 +234,11 @@ class FedAvg(Strategy):
         arrays after aggregation and the server optimiser, before central
         evaluation; its result is the new global model (server-side training
         on the server's own data). ``None`` skips it.
+    aggregator : AggregationStage | None (default: None)
+        How the round's valid replies become the averaged model
+        (:mod:`strategies.stages`); ``None`` is FedAvg's example-weighted mean
+        (:class:`~strategies.stages.WeightedMean`). DP-FedAvg is this loop
+        with :class:`~strategies.dp_aggregation.DPAggregation`.
     """
 
     # pylint: disable=too-many-arguments
@@ -238,12 +253,22 @@ class FedAvg(Strategy):
         seed: int = 0,
         server_optimizer: ServerOptimizer | None = None,
         server_update_fn: ServerUpdateFn | None = None,
+        aggregator: AggregationStage | None = None,
     ) -> None:
+        self.aggregator: AggregationStage = WeightedMean() if aggregator is None else aggregator
+        #: The stage's figures of the last aggregated round (DP: epsilon ...).
+        self.last_aggregation_metrics: dict[str, float] = {}
+        # (server_round, connected nodes): one listing per round for the stop
+        # check and the sample, so both see the same N.
+        self._round_nodes: tuple[int, list[int]] | None = None
+        self._round_skipped = False
         self.fraction_train = fraction_train
         self.fraction_evaluate = fraction_evaluate
         self.min_train_nodes = min_train_nodes
         self.min_evaluate_nodes = min_evaluate_nodes if fraction_evaluate > 0 else 0
         self.node_wait_timeout = node_wait_timeout
+        # Seeds what is not privacy-relevant: FedAvg's sampling, evaluation
+        # sampling. A DP stage draws its sample from secret randomness instead.
         self.rng = np.random.default_rng(seed)
         self._sent_specs: dict[str, ArraySpec] = {}
         self._sent_arrays: dict[str, np.ndarray] = {}
@@ -260,6 +285,7 @@ class FedAvg(Strategy):
 
     def summary(self) -> None:
         """Log the strategy's settings."""
+        self.aggregator.summary()
         log(
             INFO,
             "%s: fraction-train %.2f (min %d nodes), fraction-evaluate %.2f (min %d), "
@@ -281,18 +307,37 @@ class FedAvg(Strategy):
                 self.server_update_fn,
             )
 
+    def connected_nodes(self, server_round: int, grid: Grid | None) -> list[int]:
+        """The nodes connected for round ``server_round`` (listed once per round).
+
+        Without a grid, the nodes listed last.
+        """
+        if self._round_nodes is not None and self._round_nodes[0] == server_round:
+            return self._round_nodes[1]
+        if grid is None:
+            if self._round_nodes is None:
+                raise RuntimeError("no grid to count the connected nodes")
+            return self._round_nodes[1]
+        nodes = wait_for_nodes(grid, self.min_train_nodes, self.node_wait_timeout)
+        self._round_nodes = (server_round, nodes)
+        return nodes
+
     def should_stop(self, server_round: int, grid: Grid | None = None) -> str | None:
         """Why round ``server_round`` must not start, or ``None`` to run it.
 
-        Plain FedAvg always runs; DP-FedAvg stops before a round that would
-        exceed its privacy budget. Checked at the top of every round.
+        The aggregation stage decides (DP-FedAvg stops before a round that
+        would exceed its privacy budget); plain FedAvg always runs. Checked at
+        the top of every round and again by :meth:`configure_train`.
         """
-        return None
+        return self.aggregator.stop_reason(server_round, self.connected_nodes(server_round, grid))
 
     # ------------------------------------------------------------------ sampling
-    def sample_train_nodes(self, grid: Grid) -> list[int]:
-        """The nodes that train this round."""
-        nodes = wait_for_nodes(grid, self.min_train_nodes, self.node_wait_timeout)
+    def sample_train_nodes(self, grid: Grid, server_round: int = 0) -> list[int]:
+        """The nodes that train this round: the stage's sample, or a uniform one."""
+        nodes = self.connected_nodes(server_round, grid)
+        chosen = self.aggregator.sample(server_round, nodes, self.rng)
+        if chosen is not None:
+            return chosen
         size = sample_size(len(nodes), self.fraction_train, self.min_train_nodes)
         if size > len(nodes):
             nodes = wait_for_nodes(grid, size, self.node_wait_timeout)
@@ -311,13 +356,27 @@ class FedAvg(Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Sample nodes and send each the global arrays and the train config."""
-        nodes = self.sample_train_nodes(grid)
+        """Sample nodes and send each the global arrays and the train config.
+
+        Sends nothing for a round the stage stops (a privacy budget).
+        """
+        reason = self.should_stop(server_round, grid)
+        self._round_skipped = reason is not None
+        if reason is not None:
+            self.stop_reason = reason
+            self.last_num_sampled = 0
+            self._train_messages = []
+            self._round_nodes = None
+            log(WARNING, "Round %d not run: %s", server_round, reason)
+            return []
+        nodes = self.sample_train_nodes(grid, server_round)
+        self._round_nodes = None  # the next round lists the nodes afresh
         self.last_num_sampled = len(nodes)
         self._sent_specs = array_specs(arrays)
         self._sent_arrays = to_numpy(arrays)
         config = ConfigRecord(dict(config))
-        config["server-round"] = server_round
+        config.update(self.aggregator.client_config(server_round))
+        config[protocol.SERVER_ROUND] = server_round
         log(INFO, "configure_train: sampled %d nodes", len(nodes))
         self._train_messages = self._messages(arrays, config, nodes, MessageType.TRAIN)
         return self._train_messages
@@ -338,37 +397,31 @@ class FedAvg(Strategy):
         )
         return accepted
 
-    def average_replies(
+    def aggregate_replies(
         self, server_round: int, replies: Sequence[TrainReply]
     ) -> tuple[dict[str, np.ndarray] | None, list[TrainReply]]:
-        """Example-weighted mean of the replies' arrays, and the replies in it.
+        """The stage's averaged model of the replies, and the replies in it.
 
-        One pass over the replies' bytes both averages and screens for
-        NaN/Inf (:func:`~strategies.aggregation.finite_weighted_mean`); a
-        reply holding either is dropped, counted in :attr:`last_num_rejected`
-        and recorded in :attr:`last_failures`. The mean is ``None`` when no
-        reply is left.
+        Replies the stage leaves out are counted in :attr:`last_num_rejected`
+        and recorded in :attr:`last_failures`; the stage's figures go to
+        :attr:`last_aggregation_metrics`.
         """
-        if not replies:
-            return None, []
-        mean, rejected = finite_weighted_mean(
-            [reply.arrays for reply in replies],
-            [reply.num_examples for reply in replies],
-        )
-        for index in rejected:
+        result = self.aggregator.aggregate(server_round, replies, self._sent_arrays)
+        for node, reason in result.rejected.items():
             self.last_num_rejected += 1
-            self.last_failures[replies[index].node_id] = "arrays hold NaN or Inf"
-        dropped = set(rejected)
-        return mean, [reply for index, reply in enumerate(replies) if index not in dropped]
+            self.last_failures[node] = reason
+        self.last_aggregation_metrics = dict(result.metrics)
+        return result.arrays, result.used
 
     def aggregate_arrays(
         self, server_round: int, replies: list[TrainReply]
     ) -> dict[str, np.ndarray] | None:
-        """The new global arrays: the example-weighted mean of the finite replies.
+        """The new global arrays: the stage's aggregate after the server step.
 
-        ``None`` if every reply holds NaN or Inf (see :meth:`average_replies`).
+        ``None`` if the stage keeps the global model (no usable reply).
         """
-        return self.average_replies(server_round, replies)[0]
+        averaged, _ = self.aggregate_replies(server_round, replies)
+        return None if averaged is None else self.server_step(server_round, averaged)
 
     def log_train_failures(self, server_round: int, num_used: int) -> None:
         """One WARNING naming every node of :attr:`last_failures` and why (:func:`log_failures`).
@@ -391,6 +444,13 @@ class FedAvg(Strategy):
         """
         if self.server_optimizer is not None:
             arrays = self.server_optimizer.step(self._sent_arrays, arrays)
+        else:
+            arrays = {
+                key: value
+                if value.dtype == np.asarray(self._sent_arrays[key]).dtype
+                else value.astype(np.asarray(self._sent_arrays[key]).dtype)
+                for key, value in arrays.items()
+            }
         if self.server_update_fn is not None:
             arrays = self.server_update_fn(server_round, arrays)
         return arrays
@@ -398,13 +458,19 @@ class FedAvg(Strategy):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Average the valid replies' arrays and metrics, weighted by num-examples.
+        """Aggregate the valid replies (the stage), then the server step; average the metrics.
 
-        The average then goes through :meth:`server_step` (server optimiser,
-        server-side update) when either is set.
+        The stage's aggregate goes through :meth:`server_step` (server
+        optimiser, server-side update). A round :meth:`configure_train` did
+        not run returns nothing.
         """
+        replies = list(replies)
+        if self._round_skipped:
+            self.last_num_rejected = 0
+            self.last_aggregation_metrics = {}
+            return None, None
         accepted = self.accept_train_replies(server_round, replies)
-        mean, accepted = self.average_replies(server_round, accepted)
+        mean, accepted = self.aggregate_replies(server_round, accepted)
         self.log_train_failures(server_round, len(accepted))
         if mean is None:
             log(
@@ -414,9 +480,13 @@ class FedAvg(Strategy):
             )
             return None, None
         arrays = self.server_step(server_round, mean)
-        metrics = weighted_metrics(
-            [reply.metrics for reply in accepted],
-            [reply.num_examples for reply in accepted],
+        metrics = (
+            weighted_metrics(
+                [reply.metrics for reply in accepted],
+                [reply.num_examples for reply in accepted],
+            )
+            if accepted
+            else {}
         )
         return to_arrayrecord(arrays), MetricRecord(metrics)
 
@@ -434,7 +504,7 @@ class FedAvg(Strategy):
             len(nodes),
         )
         config = ConfigRecord(dict(config))
-        config["server-round"] = server_round
+        config[protocol.SERVER_ROUND] = server_round
         chosen = sample_without_replacement(nodes, size, self.rng)
         self._evaluate_messages = self._messages(arrays, config, chosen, MessageType.EVALUATE)
         return self._evaluate_messages
@@ -460,6 +530,45 @@ class FedAvg(Strategy):
                 [reply.num_examples for reply in accepted],
             )
         )
+
+    # --------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        """What must survive a restart: the sampler's generator, the stage, the optimiser.
+
+        JSON-ready values, except the optimiser's moments (numpy arrays under
+        ``"server-optimizer"``). No privacy-relevant random state is in it: a
+        DP stage has none to give.
+        """
+        state: dict[str, Any] = {
+            "strategy": type(self).__name__,
+            "rng": generator_state(self.rng),
+            "aggregator": self.aggregator.state_dict(),
+        }
+        if self.server_optimizer is not None:
+            state["server-optimizer"] = self.server_optimizer.state_dict()
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` into a freshly built strategy of the same settings.
+
+        Raises
+        ------
+        ValueError
+            If the state is of another strategy, or the optimiser presence differs.
+        """
+        name = type(self).__name__
+        if state.get("strategy") != name:
+            raise ValueError(f"state was written by {state.get('strategy')!r}, this is {name}")
+        if (self.server_optimizer is None) != ("server-optimizer" not in state):
+            raise ValueError(
+                "state and strategy differ in having a server optimiser (state: "
+                f"{state.get('server-optimizer', {}).get('name')!r}, strategy: "
+                f"{getattr(self.server_optimizer, 'name', None)!r})"
+            )
+        restore_generator(self.rng, state["rng"])
+        self.aggregator.load_state_dict(state.get("aggregator", {}))
+        if self.server_optimizer is not None:
+            self.server_optimizer.load_state_dict(state["server-optimizer"])
 
     # ---------------------------------------------------------------------- loop
     # pylint: disable=too-many-arguments,too-many-locals
@@ -488,6 +597,8 @@ class FedAvg(Strategy):
         listeners = list(on_round_end)
         log(INFO, "Starting %s for %d rounds", self.__class__.__name__, num_rounds)
         self.summary()
+        first = max(start_round, 1)
+        self.aggregator.on_start(self.connected_nodes(first, grid), first, num_rounds)
         train_config = ConfigRecord() if train_config is None else train_config
         evaluate_config = ConfigRecord() if evaluate_config is None else evaluate_config
         result = Result()
@@ -523,6 +634,7 @@ class FedAvg(Strategy):
             report.num_sampled = self.last_num_sampled
             report.num_rejected = self.last_num_rejected
             report.num_accepted = len(replies) - self.last_num_rejected
+            report.aggregation_metrics = dict(self.last_aggregation_metrics)
             if new_arrays is not None:
                 arrays = new_arrays
                 result.arrays = arrays

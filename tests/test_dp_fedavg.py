@@ -22,8 +22,8 @@ from strategies.dp_fedavg import (
     CONFIG_LOCAL_DP_DELTA,
     CONFIG_LOCAL_DP_EPSILON,
     DPFedAvg,
-    poisson_sample,
 )
+from privacy.central import poisson_sample
 from strategies.fedavg import to_arrayrecord, to_numpy
 from privacy.local_dp import local_dp_noise_stddev, privatize_arrays
 from strategies.validation import TrainReply

@@ -12,7 +12,8 @@ from flwr.supercore.differential_privacy import clip_inputs_inplace
 from flwr.supercore.task_identity import TaskIdentity
 
 from privacy.clipping import add_gaussian_noise, clip_factor, clip_update, l2_norm
-from strategies.dp_fedavg import DPFedAvg, noise_stddev, noised_mean_update
+from privacy.central import noise_stddev, noised_mean_update
+from strategies.dp_fedavg import DPFedAvg
 from strategies.fedavg import to_arrayrecord
 from strategies.validation import TrainReply
 
@@ -130,25 +131,36 @@ def test_strategy_noise_std_over_rounds(sampling: str) -> None:
     assert abs(np.std(diffs) / (z * clip / 8.0) - 1.0) < 0.02
 
 
-def test_noise_is_reproducible_from_the_seed() -> None:
-    reference = {"w": np.zeros(50, np.float32)}
+def _noise_only_release(**settings: object) -> np.ndarray:
+    """The model a DP round releases when no client replies: x + noise (x = 0)."""
+    strategy = planned(
+        DPFedAvg(noise_multiplier=1.0, clipping_norm=1.0, fraction_train=1.0, compute_pld=False,
+                 **settings),  # type: ignore[arg-type]
+        {"w": np.zeros(2000, np.float32)},
+        [1, 2, 3],
+    )
+    return strategy.aggregate_arrays(1, [])["w"].astype(np.float64)
 
-    def release(seed: int) -> np.ndarray:
-        strategy = planned(
-            DPFedAvg(
-                noise_multiplier=1.0,
-                clipping_norm=1.0,
-                fraction_train=1.0,
-                seed=seed,
-                compute_pld=False,
-            ),
-            reference,
-            [1, 2, 3],
-        )
-        return strategy.aggregate_arrays(1, [])["w"]
 
-    assert np.array_equal(release(3), release(3))
-    assert not np.array_equal(release(3), release(4))
+def test_the_run_seed_does_not_determine_the_noise() -> None:
+    """Defect: the noise came from the run-config seed; anyone with metrics.json replayed it.
+
+    Two releases with the same ``seed`` must carry independent noise: their
+    difference has std sqrt(2) z C / m (here m = 3), not 0.
+    """
+    sigma = 1.0 * 1.0 / 3.0
+    a, b = _noise_only_release(seed=7), _noise_only_release(seed=7)
+    assert not np.array_equal(a, b)
+    assert abs(np.std(a - b) / (np.sqrt(2.0) * sigma) - 1.0) < 0.05  # 2000 draws: sd ~1.6%
+    assert abs(np.std(a) / sigma - 1.0) < 0.05
+
+
+def test_only_the_insecure_seed_replays_noise_and_is_stamped_not_private() -> None:
+    replay = _noise_only_release(insecure_dp_seed=3)
+    assert np.array_equal(replay, _noise_only_release(insecure_dp_seed=3))
+    assert not np.array_equal(replay, _noise_only_release(insecure_dp_seed=4))
+    assert not DPFedAvg(noise_multiplier=1.0, clipping_norm=1.0, insecure_dp_seed=3).private
+    assert DPFedAvg(noise_multiplier=1.0, clipping_norm=1.0, seed=3).private
     a = add_gaussian_noise({"x": np.zeros(5)}, 1.0, np.random.default_rng(9))["x"]
     assert np.array_equal(a, np.random.default_rng(9).normal(0.0, 1.0, 5))
 

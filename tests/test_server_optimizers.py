@@ -297,7 +297,8 @@ def _dp_round(strategy: DPFedAvg, sent: Arrays, delta: float, server_round: int)
 
 def _dp(**kwargs) -> DPFedAvg:
     return DPFedAvg(
-        clipping_norm=100.0, client_sampling="fixed", fraction_train=1.0, seed=5, **kwargs
+        clipping_norm=100.0, client_sampling="fixed", fraction_train=1.0, insecure_dp_seed=5,
+        **kwargs,
     )
 
 

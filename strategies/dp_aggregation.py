@@ -1,0 +1,204 @@
+"""DP-FedAvg's aggregation stage: clip each update, sum, hand the sum to the Gaussian mechanism.
+
+The mechanism itself (plan, sampling, clip rule, noise, accounting) is
+:class:`privacy.central.CentralGaussian`; this stage only feeds it from the
+round's replies with the fast blocked kernels of :mod:`strategies.aggregation`:
+one pass for the update norms (which also catches NaN/Inf), one for the
+clipped sum. McMahan et al. (2018), https://arxiv.org/abs/1710.06963.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from logging import INFO, WARNING
+from typing import Any
+
+import numpy as np
+from flwr.common.logger import log
+
+from privacy.accounting import delta_warning
+from privacy.central import CentralGaussian, RoundPlan
+from privacy.clipping import InvalidUpdate, check_update
+
+from .aggregation import scaled_update_sum, update_norms
+from .stages import Aggregate
+from .validation import TrainReply
+
+
+class DPAggregation:
+    """Aggregation stage of DP-FedAvg: ``x_t + sum_k clip(Delta_k) / m + N(0, (zC/m)^2)``.
+
+    Every update that fails a check (keys, shapes, NaN/Inf, a node not
+    sampled, a second reply of a node, a norm above ``C`` when clients clip)
+    is a zero contribution: the denominator ``m`` is fixed before the round,
+    so the round is never voided and always releases (a noise-only model if
+    nothing came back), which keeps the release independent of the data.
+
+    Parameters
+    ----------
+    mechanism : CentralGaussian
+        The DP mechanism of the run (its settings, ledger and randomness).
+    """
+
+    def __init__(self, mechanism: CentralGaussian) -> None:
+        self.mechanism = mechanism
+        self._plan: RoundPlan | None = None
+
+    def summary(self) -> None:
+        """Log the DP settings and what the guarantee covers."""
+        m = self.mechanism
+        log(
+            INFO,
+            "DP-FedAvg: noise-multiplier %.4g, clipping %s (norm %.4g, %s side), "
+            "client-sampling %s (q %.4g), target-delta %.3g, target-epsilon %s%s",
+            m.noise_multiplier,
+            m.clipping,
+            m.clipping_norm,
+            m.clipping_side,
+            m.client_sampling,
+            m.fraction_train,
+            m.ledger.target_delta,
+            "none" if m.target_epsilon is None else f"{m.target_epsilon:g}",
+            ""
+            if m.local_dp_epsilon is None
+            else f", local DP epsilon {m.local_dp_epsilon:g} delta {m.local_dp_delta:g}",
+        )
+        log(INFO, "DP-FedAvg: user-level epsilon under the %s relation", m.relation)
+        if m.noise_multiplier == 0 and m.local_dp_epsilon is None:
+            log(WARNING, "DP-FedAvg: noise-multiplier 0 gives no privacy (epsilon = inf)")
+        if not m.random.private:
+            log(
+                WARNING,
+                "DP-FedAvg: NOT PRIVATE: the DP noise and sampling come from %r, which anyone "
+                "knowing the seed replays; for tests only",
+                m.random,
+            )
+
+    def on_start(self, node_ids: Sequence[int], first_round: int, num_rounds: int) -> None:
+        """Log the projected epsilon of the rounds left, and what a budget allows."""
+        m = self.mechanism
+        plan = m.plan_round(first_round, node_ids)
+        remaining = max(num_rounds - first_round + 1, 0)
+        m.projected_epsilon = m.project(plan, remaining)
+        log(
+            INFO,
+            "DP-FedAvg: projected epsilon after %d rounds: %.4g at delta %.3g "
+            "(RDP, %s sampling, q %.4g, N %d)",
+            num_rounds,
+            m.projected_epsilon,
+            m.ledger.target_delta,
+            m.client_sampling,
+            plan.sampling_rate,
+            plan.num_nodes,
+        )
+        if m.target_epsilon is not None and m.projected_epsilon > m.target_epsilon:
+            affordable = m.ledger.affordable_rounds(plan.event, m.target_epsilon, remaining)
+            log(
+                WARNING,
+                "DP-FedAvg: target-epsilon %g allows only %d of %d rounds; later rounds "
+                "will not be run",
+                m.target_epsilon,
+                affordable,
+                num_rounds,
+            )
+
+    def stop_reason(self, server_round: int, node_ids: Sequence[int]) -> str | None:
+        """Why the round would break the budget; plans the round otherwise."""
+        plan = self.mechanism.plan_round(server_round, node_ids)
+        reason = self.mechanism.stop_reason(plan)
+        self._plan = None if reason is not None else plan
+        if reason is None and (
+            warning := delta_warning(self.mechanism.ledger.target_delta, plan.num_nodes)
+        ):
+            log(WARNING, "DP-FedAvg: %s", warning)
+        return reason
+
+    def sample(
+        self, server_round: int, node_ids: Sequence[int], rng: np.random.Generator
+    ) -> list[int]:
+        """Poisson or fixed-size sample from secret randomness (``rng`` is not used)."""
+        plan = self._plan
+        if plan is None or plan.server_round != server_round or plan.sampled is not None:
+            plan = self._plan = self.mechanism.plan_round(server_round, node_ids)
+        return self.mechanism.sample(plan)
+
+    def client_config(self, server_round: int) -> dict[str, Any]:
+        """``clipping-norm`` (client-side clipping) and the local-DP keys."""
+        if self._plan is None:
+            raise RuntimeError("client_config needs a planned round")
+        return self.mechanism.client_config(self._plan)
+
+    @property
+    def planned(self) -> bool:
+        """Whether a round is planned (else the round was not run)."""
+        return self._plan is not None
+
+    def aggregate(
+        self,
+        server_round: int,
+        replies: Sequence[TrainReply],
+        reference: Mapping[str, np.ndarray],
+    ) -> Aggregate:
+        """Check, measure and clip every update; the noised averaged model (float64)."""
+        plan = self._plan
+        if plan is None:
+            raise RuntimeError("aggregate needs a planned round (configure_train)")
+        sampled = None if plan.sampled is None else set(plan.sampled)
+        rejected: dict[int, str] = {}
+
+        def reject(node: int, reason: InvalidUpdate) -> None:
+            rejected[node] = f"update rejected, counts as zero: {reason}"
+            log(
+                WARNING,
+                "Round %d: rejected update from node %d (counts as zero): %s",
+                server_round,
+                node,
+                reason,
+            )
+
+        candidates: list[TrainReply] = []
+        for reply in replies:
+            try:
+                if sampled is not None and reply.node_id not in sampled:
+                    raise InvalidUpdate("node was not sampled this round")
+                check_update(reply.arrays, reference, check_finite=False)
+            except InvalidUpdate as reason:
+                reject(reply.node_id, reason)
+                continue
+            candidates.append(reply)
+        norms = update_norms([reply.arrays for reply in candidates], reference)
+
+        kept: list[TrainReply] = []
+        factors: list[float] = []
+        unclipped: list[bool] = []
+        seen: set[int] = set()
+        for reply, norm in zip(candidates, norms):
+            try:
+                if reply.node_id in seen:
+                    raise InvalidUpdate("more than one reply from this node")
+                factor, is_unclipped = self.mechanism.admit(float(norm), plan)
+            except InvalidUpdate as reason:
+                reject(reply.node_id, reason)
+                continue
+            seen.add(reply.node_id)
+            kept.append(reply)
+            factors.append(factor)
+            unclipped.append(bool(is_unclipped))
+        clipped_sum = scaled_update_sum([reply.arrays for reply in kept], reference, factors)
+        mean = self.mechanism.release(server_round, plan, clipped_sum, unclipped, len(rejected))
+        averaged = {
+            key: np.asarray(ref, dtype=np.float64) + mean[key] for key, ref in reference.items()
+        }
+        return Aggregate(averaged, kept, rejected, dict(self.mechanism.last_round_privacy))
+
+    def account_released_rounds(self, rounds: int, journal: Sequence[Mapping[str, Any]]) -> None:
+        """Charge released rounds the resumed state lacks (:meth:`PrivacyLedger.charge_released`)."""
+        self.mechanism.ledger.charge_released(rounds, journal)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The mechanism's state (no random state exists)."""
+        return self.mechanism.state_dict()
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore the mechanism's state."""
+        self.mechanism.load_state_dict(state)
