@@ -430,12 +430,25 @@ def _rescaled_norm(arrays: Mapping[str, np.ndarray], reference: Mapping[str, np.
     return scale * math.sqrt(total)
 
 
+#: Smallest clip factor applied in float32 (:func:`scaled_update_sum`); smaller
+#: ones, and every client of a huge update, are applied in float64.
+FLOAT32_SAFE_FACTOR = 1e-20
+#: Smallest scaled-update norm summed in float32 (see :func:`scaled_update_sum`).
+FLOAT32_SAFE_NORM = 1e-30
+
+
 def scaled_update_sum(
     arrays: Sequence[Mapping[str, np.ndarray]],
     reference: Mapping[str, np.ndarray],
     factors: Sequence[float] | np.ndarray,
+    norms: Sequence[float] | np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """``sum_k factors_k (arrays_k - reference)`` per key of ``reference``, in float64.
+
+    ``norms`` (the updates' norms, :func:`update_norms`), when given, route
+    every client whose scaled update would be tiny (norm times factor below
+    :data:`FLOAT32_SAFE_NORM`) to float64 too, where float32's subnormal
+    rounding could otherwise inflate it.
 
     The clipped-update sum of DP-FedAvg (``factors_k = min(1, C / norm_k)``,
     from :func:`update_norms`), computed like :func:`weighted_mean`: block by
@@ -449,6 +462,11 @@ def scaled_update_sum(
     f = np.asarray(factors, dtype=np.float64)
     if f.ndim != 1 or len(f) != len(arrays):
         raise ValueError(f"{len(arrays)} clients but {f.size} factors")
+    # float32 arithmetic is exact enough (1e-7 relative) only while the factor
+    # and the scaled entries stay far from float32's overflow and subnormals.
+    safe = (f == 1.0) | ((f >= FLOAT32_SAFE_FACTOR) & (f <= 1.0))
+    if norms is not None:
+        safe &= np.asarray(norms, dtype=np.float64) * f >= FLOAT32_SAFE_NORM
     result: dict[str, np.ndarray] = {}
     with single_threaded_blas():
         axpys = _single_thread_axpys()
@@ -470,7 +488,21 @@ def scaled_update_sum(
                 dtype = np.dtype(np.float64)
             axpy = None if axpys is None else axpys.get(dtype)
             flats = [value.ravel() for value in values]
-            _blocked_update_sum(flats, ref.ravel(), f, dtype, out, axpy)
+            # Clients whose difference or factor leaves float32's safe range
+            # (huge entries, a factor near float32's subnormals) are summed in
+            # float64 on their own: a float32 factor of 1e-39 is subnormal
+            # and rounds, so a crafted update could contribute ~2 C.
+            exact = [k for k in range(len(flats)) if dtype == np.float32 and not safe[k]]
+            if exact:
+                for k in exact:
+                    diff = np.subtract(flats[k], ref.ravel(), dtype=np.float64)
+                    out += diff * f[k]
+                keep = [k for k in range(len(flats)) if k not in set(exact)]
+                flats, fk = [flats[k] for k in keep], f[keep]
+            else:
+                fk = f
+            if flats:
+                _blocked_update_sum(flats, ref.ravel(), fk, dtype, out, axpy)
             result[key] = out.reshape(ref.shape)
     return result
 

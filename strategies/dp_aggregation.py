@@ -169,6 +169,7 @@ class DPAggregation:
         norms = update_norms([reply.arrays for reply in candidates], reference)
 
         kept: list[TrainReply] = []
+        kept_norms: list[float] = []
         factors: list[float] = []
         unclipped: list[bool] = []
         seen: set[int] = set()
@@ -182,9 +183,12 @@ class DPAggregation:
                 continue
             seen.add(reply.node_id)
             kept.append(reply)
+            kept_norms.append(float(norm))
             factors.append(factor)
             unclipped.append(bool(is_unclipped))
-        clipped_sum = scaled_update_sum([reply.arrays for reply in kept], reference, factors)
+        clipped_sum = scaled_update_sum(
+            [reply.arrays for reply in kept], reference, factors, kept_norms
+        )
         mean = self.mechanism.release(server_round, plan, clipped_sum, unclipped, len(rejected))
         averaged = {
             key: np.asarray(ref, dtype=np.float64) + mean[key] for key, ref in reference.items()

@@ -257,3 +257,37 @@ def test_flower_fixed_clipping_lets_a_weighted_client_exceed_c_over_m() -> None:
     moved = np.linalg.norm(released(1000))
     assert moved > 0.99 * clip  # nearly C, not C / m = 0.25
     assert moved > 3 * clip / m
+
+
+@pytest.mark.parametrize(
+    ("clip", "entries"),
+    [
+        # Crafted (the audit's case): true factor 7.3e-46 is below float32's
+        # smallest subnormal 1.4e-45; as float32 it rounds up and the update
+        # contributed 1.92 C.
+        (1e-7, np.array([1.3719e38], np.float32)),
+        (1.0, np.full(1000, 1e38, np.float32)),  # 1e38 entries
+        (1e-30, np.ones(100, np.float32)),  # tiny C
+        (1e-44, np.full(50, 1e-43, np.float32)),  # subnormal entries and norm
+        (1e-38, np.full(50, 1e-44, np.float32)),  # unclipped subnormal update
+        (3.0, np.linspace(-3e38, 3e38, 64).astype(np.float32)),
+    ],
+)
+def test_no_single_contribution_exceeds_c_whatever_its_values(
+    clip: float, entries: np.ndarray
+) -> None:
+    """Defect: the clip factor was applied in float32; it underflowed for huge updates."""
+    reference = {"w": np.zeros(entries.shape, np.float32)}
+    strategy = planned(
+        DPFedAvg(noise_multiplier=0.0, clipping_norm=clip, client_sampling="fixed",
+                 fraction_train=1.0, min_train_nodes=1, compute_pld=False),
+        reference,
+        [1],
+    )
+    averaged, used = strategy.aggregate_replies(1, [TrainReply(1, {"w": entries}, 1, {})])
+    assert len(used) == 1
+    contribution = np.asarray(averaged["w"], np.float64) * 1.0  # m = 1, reference 0
+    assert np.linalg.norm(contribution) <= clip * (1 + 1e-6)
+    assert np.linalg.norm(contribution) >= clip * (1 - 1e-6) * min(
+        1.0, float(np.linalg.norm(entries.astype(np.float64))) / clip
+    )
