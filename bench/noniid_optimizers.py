@@ -62,7 +62,7 @@ from clients.server_training import make_server_update_fn  # noqa: E402
 from clients.weights import get_weights, set_weights  # noqa: E402
 from data.dataset import LabeledData  # noqa: E402
 from data.federation import FederationSpec  # noqa: E402
-from data.public_slice import build_federation_with_public_slice  # noqa: E402
+from data.federation import build_federation_with_public_slice  # noqa: E402
 from strategies.fedavg import FedAvg, to_arrayrecord, to_numpy  # noqa: E402
 from strategies.server_optimizers import make_server_optimizer  # noqa: E402
 

@@ -19,6 +19,7 @@ from flwr.common.logger import log
 
 from .dataset import LabeledData
 from .partition import partition_indices
+from .public_slice import parse_server_data, split_public_slice
 from .sources import load_official_split, load_source
 
 
@@ -119,8 +120,6 @@ def load_server_split(
 
 def client_pool(train: LabeledData, spec: FederationSpec) -> LabeledData:
     """The training data left to the clients once the server's public slice is held out."""
-    from .public_slice import parse_server_data, split_public_slice
-
     server_data = parse_server_data(spec.server_data)
     if server_data is None:
         return train
@@ -130,8 +129,6 @@ def client_pool(train: LabeledData, spec: FederationSpec) -> LabeledData:
 @lru_cache(maxsize=4)
 def load_server_data(spec: FederationSpec) -> LabeledData | None:
     """The server's own (public) training data, disjoint from every client and the test set."""
-    from .public_slice import parse_server_data, split_public_slice
-
     server_data = parse_server_data(spec.server_data)
     if server_data is None:
         return None
@@ -199,3 +196,33 @@ def load_client_data(
         train.label_histogram().tolist(),
     )
     return train, val
+
+
+@dataclass(frozen=True)
+class PublicFederation:
+    """A federation whose clients share ``federation.train``, and the server's public slice."""
+
+    federation: Federation
+    public: LabeledData
+
+
+def build_federation_with_public_slice(spec: FederationSpec, server_data: str) -> PublicFederation:
+    """Hold out the test set, then the public slice, then partition the rest.
+
+    :func:`data.federation.build_federation` and
+    :func:`data.federation.load_server_data` of ``spec`` with this
+    ``server-data`` (both cached): ``federation.train`` is the client pool
+    (the slice removed), the partitions index into it, and ``public`` is the
+    slice.
+
+    Raises
+    ------
+    ValueError
+        When ``server_data`` names no data (use ``build_federation``) or is invalid.
+    """
+    if parse_server_data(server_data) is None:
+        raise ValueError("server-data is empty: there is no public slice to hold out")
+    spec = replace(spec, server_data=server_data)
+    public = load_server_data(spec)
+    assert public is not None  # server_data names a slice
+    return PublicFederation(build_federation(spec), public)

@@ -37,7 +37,6 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from .dataset import LabeledData
-from .federation import Federation, FederationSpec, build_federation, load_server_data
 
 PUBLIC_SLICE = "public-slice"
 
@@ -120,33 +119,3 @@ def split_public_slice(
     held = public_slice_indices(train.y, size, seed)
     keep = np.setdiff1d(np.arange(len(train)), held, assume_unique=True)
     return train.subset(keep), train.subset(held)
-
-
-@dataclass(frozen=True)
-class PublicFederation:
-    """A federation whose clients share ``federation.train``, and the server's public slice."""
-
-    federation: Federation
-    public: LabeledData
-
-
-def build_federation_with_public_slice(spec: FederationSpec, server_data: str) -> PublicFederation:
-    """Hold out the test set, then the public slice, then partition the rest.
-
-    :func:`data.federation.build_federation` and
-    :func:`data.federation.load_server_data` of ``spec`` with this
-    ``server-data`` (both cached): ``federation.train`` is the client pool
-    (the slice removed), the partitions index into it, and ``public`` is the
-    slice.
-
-    Raises
-    ------
-    ValueError
-        When ``server_data`` names no data (use ``build_federation``) or is invalid.
-    """
-    if parse_server_data(server_data) is None:
-        raise ValueError("server-data is empty: there is no public slice to hold out")
-    spec = replace(spec, server_data=server_data)
-    public = load_server_data(spec)
-    assert public is not None  # server_data names a slice
-    return PublicFederation(build_federation(spec), public)

@@ -444,11 +444,14 @@ class FedAvg(Strategy):
         """
         if self.server_optimizer is not None:
             arrays = self.server_optimizer.step(self._sent_arrays, arrays)
-        else:
+        elif any(
+            key in self._sent_arrays and value.dtype != self._sent_arrays[key].dtype
+            for key, value in arrays.items()
+        ):  # a stage that averages in float64 (DP) releases in the model's dtypes
             arrays = {
-                key: value
-                if value.dtype == np.asarray(self._sent_arrays[key]).dtype
-                else value.astype(np.asarray(self._sent_arrays[key]).dtype)
+                key: value.astype(self._sent_arrays[key].dtype)
+                if key in self._sent_arrays
+                else value
                 for key, value in arrays.items()
             }
         if self.server_update_fn is not None:

@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 
 from data.dataset import LabeledData
-from data.federation import FederationSpec
+from data.federation import FederationSpec, build_federation_with_public_slice
 from data.public_slice import (
-    build_federation_with_public_slice,
     parse_server_data,
     public_slice_indices,
     split_public_slice,
