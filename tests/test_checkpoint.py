@@ -404,17 +404,6 @@ class _Grid:
         return replies
 
 
-@pytest.fixture
-def task_identity():
-    """Messages can only be created inside a task; restore the identity afterwards."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
-
-
 @pytest.mark.usefixtures("task_identity")
 def test_a_dp_run_resumed_from_a_checkpoint_keeps_the_ledger_and_draws_fresh_noise(
     tmp_path: Path,

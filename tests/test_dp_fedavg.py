@@ -33,15 +33,7 @@ Arrays = dict[str, np.ndarray]
 Responder = Callable[[int, Arrays, ConfigRecord], Arrays | None]
 
 
-@pytest.fixture(autouse=True)
-def task_identity():
-    """Messages can only be created with a task identity (as inside a ServerApp)."""
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id = 1
-    TaskIdentity.node_id = 0
-    TaskIdentity.task_id = 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 class FakeGrid:

@@ -24,9 +24,7 @@ from tests.messages import set_task_identity
 DEAD, SILENT, ALIVE = 1234, 5678, 42
 
 
-@pytest.fixture(autouse=True)
-def task_identity() -> None:
-    set_task_identity()
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def model() -> dict[str, np.ndarray]:
