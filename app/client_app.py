@@ -254,10 +254,10 @@ def train(msg: Message, context: Context) -> Message:
         assume_spent(context, ledger, spec, int(config.get(ROUNDS_BEFORE_RESUME, 0)), run_key)
         # The stricter of the server's target and the node's own max-sample-epsilon.
         budget = effective_sample_epsilon(setup.limits, run_config.target_sample_epsilon)
-        if ledger.would_exceed(budget.epsilon, spec):
+        if ledger.would_exceed(spec, budget.epsilon):
             reason = (
                 f"sample-budget-exhausted: node {context.node_id} stops training; another "
-                f"round would take its sample-level epsilon from {ledger.epsilon():.4g} to "
+                f"round would take its sample-level epsilon from {ledger.epsilon:.4g} to "
                 f"{ledger.epsilon_after(spec):.4g} > {budget.key} "
                 f"{budget.epsilon:g} (delta {ledger.delta:g}, "
                 f"{ledger.rounds} rounds trained)"
@@ -275,7 +275,7 @@ def train(msg: Message, context: Context) -> Message:
         )
         all_runs = record_round(context, ledger, spec, run_key)
         log(INFO, "Node %d: %d DP-SGD steps, sample-level epsilon %.4g at delta %g",
-            context.node_id, result.steps, ledger.epsilon(), ledger.delta)
+            context.node_id, result.steps, ledger.epsilon, ledger.delta)
         # No train-loss: it is a statistic of the records, not covered by DP-SGD.
         loss = None
         metrics.update(reply_metrics(ledger))

@@ -123,7 +123,7 @@ def record_round(
     for _ in range(rounds):
         lifetime.record(spec)
     lifetime.save(lifetime_path)
-    return lifetime.epsilon()
+    return lifetime.epsilon
 
 
 def assume_spent(

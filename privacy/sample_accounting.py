@@ -258,15 +258,19 @@ class SamplePrivacyState:
             return 0.0
         return epsilon_of(composed_event(counts), self.delta)
 
+    # The same API as :class:`privacy.accounting.PrivacyLedger` (user level):
+    # ``epsilon`` a property; ``epsilon_after``, ``would_exceed`` and
+    # ``affordable_rounds`` take the round first, then the target.
+    @property
     def epsilon(self) -> float:
         """Cumulative sample-level epsilon of the recorded rounds (0 when none)."""
         return self._epsilon()
 
-    def epsilon_after(self, spec: SampleDPRound) -> float:
-        """Epsilon if the round ``spec`` were trained now, on top of the recorded ones."""
-        return self._epsilon([spec])
+    def epsilon_after(self, spec: SampleDPRound, rounds: int = 1) -> float:
+        """Epsilon if ``rounds`` more rounds like ``spec`` were trained now."""
+        return self._epsilon([spec] * max(rounds, 0))
 
-    def would_exceed(self, target_epsilon: float, spec: SampleDPRound) -> bool:
+    def would_exceed(self, spec: SampleDPRound, target_epsilon: float) -> bool:
         """Whether training ``spec`` would take epsilon past ``target_epsilon``.
 
         A non-positive target means "no target" and never stops training.
@@ -274,6 +278,29 @@ class SamplePrivacyState:
         if target_epsilon <= 0:
             return False
         return self.epsilon_after(spec) > target_epsilon
+
+    def affordable_rounds(self, spec: SampleDPRound, target_epsilon: float, max_rounds: int) -> int:
+        """Most further rounds like ``spec`` (up to ``max_rounds``) within ``target_epsilon``."""
+        low, high = 0, max_rounds
+        while low < high:  # epsilon_after does not decrease as rounds are added
+            mid = (low + high + 1) // 2
+            if self.epsilon_after(spec, mid) <= target_epsilon:
+                low = mid
+            else:
+                high = mid - 1
+        return low
+
+    def state_dict(self) -> dict[str, Any]:
+        """:meth:`to_dict`, under the name every stateful object of the project uses."""
+        return self.to_dict()
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Replace this ledger's rounds by those of a :meth:`state_dict`."""
+        restored = type(self).from_dict(state)
+        self.delta = restored.delta
+        self.sampling_rates = restored.sampling_rates
+        self.noise_multipliers = restored.noise_multipliers
+        self.steps = restored.steps
 
     def record(self, spec: SampleDPRound) -> None:
         """Add a trained round to the ledger (no-op for zero steps)."""
@@ -335,7 +362,7 @@ def newest(*states: SamplePrivacyState | None) -> SamplePrivacyState | None:
 
 def reply_metrics(state: SamplePrivacyState, *, exhausted: bool = False) -> dict[str, float | int]:
     """The sample-level metrics a client sends with its train reply."""
-    epsilon = state.epsilon()
+    epsilon = state.epsilon
     return {
         METRIC_SAMPLE_EPSILON: epsilon if math.isfinite(epsilon) else float("inf"),
         METRIC_SAMPLE_DELTA: state.delta,

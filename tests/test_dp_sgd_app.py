@@ -153,7 +153,7 @@ def test_ledger_survives_a_restart_and_composes_over_runs(tmp_path: Path) -> Non
     restored = load_ledger(restarted, 1e-5)
     assert restored.rounds == 2
     all_runs = record_round(restarted, restored, spec)
-    assert restored.epsilon() == pytest.approx(independent_epsilon(500, 25, 2, 3, 1.3, 1e-5))
+    assert restored.epsilon == pytest.approx(independent_epsilon(500, 25, 2, 3, 1.3, 1e-5))
 
     next_run = _context(tmp_path, run_id=4)  # a new run on the same records
     fresh = load_ledger(next_run, 1e-5)

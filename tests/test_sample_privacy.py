@@ -108,8 +108,8 @@ def test_ledger_counts_only_rounds_taken_part_in() -> None:
             state.record(spec)
     assert state.rounds == 3
     assert state.total_steps == 3 * num_steps(n, batch, epochs)
-    assert state.epsilon() == pytest.approx(independent_epsilon(n, batch, epochs, 3, z, DELTA))
-    assert state.epsilon() < independent_epsilon(n, batch, epochs, 5, z, DELTA)
+    assert state.epsilon == pytest.approx(independent_epsilon(n, batch, epochs, 3, z, DELTA))
+    assert state.epsilon < independent_epsilon(n, batch, epochs, 5, z, DELTA)
 
 
 def test_ledger_after_real_local_training_matches_independent_computation() -> None:
@@ -134,7 +134,7 @@ def test_ledger_after_real_local_training_matches_independent_computation() -> N
         spec = SampleDPRound(result.num_examples, batch, epochs, z)
         assert result.steps == spec.steps
         state.record(spec)
-    assert state.epsilon() == pytest.approx(independent_epsilon(n, batch, epochs, 3, z, DELTA))
+    assert state.epsilon == pytest.approx(independent_epsilon(n, batch, epochs, 3, z, DELTA))
 
 
 def test_mixed_rounds_compose() -> None:
@@ -156,7 +156,7 @@ def test_mixed_rounds_compose() -> None:
             ),
         ]
     )
-    assert state.epsilon() == pytest.approx(RdpAccountant().compose(event).get_epsilon(DELTA))
+    assert state.epsilon == pytest.approx(RdpAccountant().compose(event).get_epsilon(DELTA))
 
 
 def test_would_exceed_stops_at_target() -> None:
@@ -166,19 +166,19 @@ def test_would_exceed_stops_at_target() -> None:
     state = SamplePrivacyState()
     trained = 0
     for _ in range(5):
-        if state.would_exceed(target, spec):
+        if state.would_exceed(spec, target):
             break
         state.record(spec)
         trained += 1
     assert trained == 2
-    assert state.epsilon() <= target < state.epsilon_after(spec)
-    assert not state.would_exceed(0.0, spec)  # 0 = no target
+    assert state.epsilon <= target < state.epsilon_after(spec)
+    assert not state.would_exceed(spec, 0.0)  # 0 = no target
 
 
 def test_epsilon_edge_cases_and_monotonicity() -> None:
     assert sample_epsilon(600, 32, 1, 0, 1.0) == 0.0
     assert math.isinf(sample_epsilon(600, 32, 1, 1, 0.0))
-    assert SamplePrivacyState().epsilon() == 0.0
+    assert SamplePrivacyState().epsilon == 0.0
     by_rounds = [sample_epsilon(600, 32, 1, r, 1.0) for r in (1, 2, 4, 8)]
     assert by_rounds == sorted(by_rounds) and len(set(by_rounds)) == 4
     by_noise = [sample_epsilon(600, 32, 1, 5, z) for z in (0.6, 1.0, 2.0)]
@@ -194,7 +194,7 @@ def test_state_round_trips_through_config_record_and_json(tmp_path) -> None:
     record = RecordDict({"sample-privacy": ConfigRecord(state.to_dict())})
     restored = SamplePrivacyState.from_dict(record["sample-privacy"])
     assert restored == state
-    assert restored.epsilon() == state.epsilon()
+    assert restored.epsilon == state.epsilon
 
     path = tmp_path / "node" / "sample-privacy.json"
     state.save(path)
@@ -217,7 +217,32 @@ def test_reply_metrics() -> None:
     state = SamplePrivacyState()
     state.record(SampleDPRound(600, 32, 1, 1.0))
     metrics = reply_metrics(state, exhausted=True)
-    assert metrics[METRIC_SAMPLE_EPSILON] == pytest.approx(state.epsilon())
+    assert metrics[METRIC_SAMPLE_EPSILON] == pytest.approx(state.epsilon)
     assert metrics[METRIC_SAMPLE_DELTA] == 1e-5
     assert metrics[METRIC_SAMPLE_ROUNDS] == 1
     assert metrics[METRIC_SAMPLE_BUDGET_EXHAUSTED] == 1
+
+
+def test_sample_ledger_speaks_the_user_level_ledgers_api() -> None:
+    """One ledger API for both levels: epsilon a property; (round, target) argument order."""
+    from privacy.accounting import PrivacyLedger
+    from privacy.sample_accounting import SampleDPRound
+    from privacy.sample_accounting import affordable_rounds as projected_affordable
+
+    spec = SampleDPRound(1000, 32, 1, 1.1)
+    state = SamplePrivacyState(delta=1e-5)
+    state.record(spec)
+    for name in ("epsilon_after", "would_exceed", "affordable_rounds", "state_dict",
+                 "load_state_dict"):
+        assert callable(getattr(PrivacyLedger, name)) and callable(getattr(state, name))
+    assert isinstance(type(state).epsilon, property) and isinstance(PrivacyLedger.epsilon, property)
+    target = state.epsilon_after(spec, 5)
+    assert state.affordable_rounds(spec, target, 50) == 5
+    # The same count as the projection for a fresh client, one round already spent.
+    assert state.affordable_rounds(spec, target, 50) + 1 == projected_affordable(
+        1000, 32, 1, 1.1, target, 51, 1e-5
+    )
+    assert state.would_exceed(spec, state.epsilon_after(spec, 1) * 0.999)
+    restored = SamplePrivacyState()
+    restored.load_state_dict(state.state_dict())
+    assert restored.epsilon == state.epsilon and restored.rounds == 1

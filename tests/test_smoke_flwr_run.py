@@ -66,3 +66,39 @@ def test_dp_fedavg_run_writes_a_growing_epsilon_ledger(tmp_path: Path) -> None:
     assert all(r["delta"] == 1e-5 and r["clipping-norm"] == 1.0 for r in rounds[1:])
     assert all(r["noise-stddev"] == pytest.approx(0.8 * 1.0 / (0.5 * 4)) for r in rounds[1:])
     assert "projected epsilon after 2 rounds" in log
+
+
+@pytest.mark.e2e
+def test_two_dp_runs_with_the_same_config_and_seed_release_independent_noise(
+    tmp_path: Path,
+) -> None:
+    """Defect: DP noise was derived from the run-config seed, so a second run replayed it.
+
+    A learning rate of 1e-9 makes every client update ~0, so one DP round
+    releases the initial model (the same in both runs: seeded) plus noise of
+    std z C / m. Replayed noise would make the two final models equal;
+    independent noise makes their difference std sqrt(2) z C / m.
+    """
+    import numpy as np
+
+    z, clip, nodes = 1.0, 1.0, 4
+    outputs = tmp_path / "outputs"
+    config = (
+        f"strategy='dp-fedavg' noise-multiplier={z} clipping-norm={clip} fraction-train=1.0 "
+        f"learning-rate=1e-9 local-epochs=1 seed=7 num-server-rounds=1 fraction-evaluate=0.0 "
+        f"min-train-nodes={nodes} output-dir='{outputs}'"
+    )
+    with simulation_superlink(tmp_path / "flwr-home", num_supernodes=nodes) as env:
+        logs = [flwr_run(env, config, timeout=400) for _ in range(2)]
+    runs = sorted(outputs.glob("*")) if outputs.exists() else []
+    assert len(runs) == 2, "\n".join((r.stdout + r.stderr)[-3000:] for r in logs)
+    finals = []
+    for run in runs:
+        with np.load(run / "checkpoints" / "round-1" / "arrays.npz") as saved:
+            finals.append(np.concatenate([saved[k].ravel().astype(np.float64) for k in saved]))
+        metrics = json.loads((run / "metrics.json").read_text())
+        assert metrics["privacy"]["private"] is True
+        assert metrics["privacy"]["relation"].startswith("zero-out")
+        assert "not-private" not in metrics["rounds"][1]
+    sigma = z * clip / (1.0 * nodes)
+    assert abs(np.std(finals[0] - finals[1]) / (np.sqrt(2.0) * sigma) - 1.0) < 0.05
