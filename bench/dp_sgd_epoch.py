@@ -101,13 +101,13 @@ def variants(kind: str, x: np.ndarray, y: np.ndarray, batch_size: int, methods: 
         ),
         "loop": lambda: loop(x, y, rng),
     }
-    trainers = {method: DPSGDTrainer(model, method=method, seed=0) for method in methods}
+    trainers = {method: DPSGDTrainer(model, method=method) for method in methods}
     if "ghost" in methods:
-        trainers["ghost-no-noise"] = ClipOnlyTrainer(model, method="ghost", seed=0)
+        trainers["ghost-no-noise"] = ClipOnlyTrainer(model, method="ghost")
     for name, trainer in trainers.items():
         runs[name] = lambda trainer=trainer: trainer.train(
             data, epochs=1, batch_size=batch_size, learning_rate=0.01,
-            noise_multiplier=1.0, clipping_norm=1.0, rng=rng,
+            noise_multiplier=1.0, clipping_norm=1.0,
         )
     return model, runs
 
@@ -118,7 +118,8 @@ def _clip_only_class():
     class ClipOnly(DPSGDTrainer):
         """Breakdown only, not private: per-example clipping without the noise draw."""
 
-        def set_seed(self, seed):  # type: ignore[override]
+        def set_insecure_seed(self, insecure_seed):  # type: ignore[override]
+            super().set_insecure_seed(insecure_seed)
             zeros = np.zeros(self._num_params, np.float32)
             self._noise = type("Zeros", (), {"draw": staticmethod(lambda: zeros)})()
 

@@ -99,15 +99,14 @@ def run(
     z = noise if noise is not None else calibrate(target, n, args.batch_size, epochs, args.delta)
     eps = sample_epsilon(n, args.batch_size, epochs, 1, z, args.delta)
     model = tfp_cnn(args.seed) if args.model == "tfp" else build_cnn((28, 28, 1), 10, seed=args.seed)
-    trainer = DPSGDTrainer(model, seed=args.seed)
+    trainer = DPSGDTrainer(model)  # noise and batches: fresh OS entropy
     train = LabeledData(x=x_train, y=y_train, num_classes=10, kind="image", name="mnist")
-    rng = np.random.default_rng(args.seed)
     curve, epoch_s = [], []
     start = time.perf_counter()
     for epoch in range(1, epochs + 1):
         epoch_start = time.perf_counter()
         result = trainer.train(train, epochs=1, batch_size=args.batch_size, learning_rate=lr,
-                               noise_multiplier=z, clipping_norm=args.clip, rng=rng)
+                               noise_multiplier=z, clipping_norm=args.clip)
         epoch_s.append(time.perf_counter() - epoch_start)
         acc = accuracy(model, x_test, y_test)
         curve.append(acc)

@@ -49,12 +49,30 @@ Batches are Poisson-sampled (each example joins each step with probability
 batch size ``q n``. The step is a ``tf.function`` whose batch dimension is
 ``None``, so variable batch sizes do not retrace it (one trace per model).
 
-Noise is drawn with NumPy (:class:`GaussianNoise`: PCG64 uniforms,
-Box-Muller into reused buffers), seeded for tests or from OS entropy
-otherwise, and passed into the traced step. One draw per parameter per step
-is an inherent cost of DP-SGD: for a model whose parameters sit in one large
-Dense layer (the FedAvg CNN: 1.6M of its 1.66M) it is a sizeable part of the
-non-private step (bench/results/dp_sgd_epoch.md).
+Noise (:class:`GaussianNoise`) is drawn with NumPy and passed into the
+traced step. The Gaussian mechanism's guarantee, and the accountant's (Abadi
+et al. 2016, Thm. 1 and the moments accountant), hold for the untruncated
+normal: a sampler that never goes beyond ``t`` sigma makes the privacy loss
+infinite on outputs only one of two neighbouring datasets can produce, which
+adds up to ``P(Z > t - 1/z)`` to delta per step. So the values are
+``Generator.standard_normal`` float64 draws, a ziggurat whose tail beyond 3.65
+sigma is sampled exactly (Marsaglia's exponential rejection): its largest
+value, set by 53-bit uniforms, is about 12 sigma, beyond which the normal has
+mass below 1e-32. (The earlier Box-Muller on float32 uniforms stopped at
+``sqrt(2 ln 2^24) = 5.77`` sigma.) They are written into a reused float64
+buffer and rounded into a reused float32 one: fresh multi-megabyte arrays per
+step cost page faults, which made ``tf.random`` 2-3x as expensive per draw
+here. A draw is split into fixed chunks, each with its own spawned stream,
+filled by a few threads while TF is idle between steps. One draw per
+parameter per step is an inherent cost of DP-SGD: for a model whose
+parameters sit in one large Dense layer (the FedAvg CNN: 1.6M of its 1.66M) it
+is a sizeable part of the step (bench/results/dp_sgd_epoch.md).
+
+Every privacy-relevant draw here, the noise and the Poisson batches, comes
+from :mod:`privacy.randomness`: fresh OS entropy by default, never a user seed.
+``insecure_seed`` (of :class:`DPSGDTrainer`, :class:`GaussianNoise` and
+:func:`dp_sgd_train`) is a test hook that makes a run replayable and so NOT
+private; such a trainer says so (``private`` is False, and it logs a warning).
 
 Examples whose gradient is not finite get clip factor 0 (dropped from the
 sum) rather than poisoning it; the bound on each example's contribution,
@@ -63,14 +81,19 @@ and so the privacy guarantee, is unchanged.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from logging import INFO
+from functools import cache
+from logging import INFO, WARNING
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
+import numpy.typing as npt
 from flwr.common.logger import log
 
+from privacy.randomness import NOT_PRIVATE, RandomSource, random_source
 from privacy.sample_accounting import expected_batch_size, num_steps, sampling_rate
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -98,6 +121,16 @@ def poisson_batches(
     Each example is in each batch independently with probability
     ``q = min(1, batch_size / num_examples)``; batch sizes vary (and may be 0),
     which is what the ``PoissonSampledDpEvent`` accounting assumes.
+
+    Parameters
+    ----------
+    num_examples, batch_size, steps : int
+        ``n``, the expected batch size ``q n`` and the number of batches.
+    rng : numpy.random.Generator
+        The sampling's randomness. The amplification by sampling that the
+        accountant credits holds only if the batches are secret, so in a real
+        run this is a generator from :mod:`privacy.randomness` (as
+        :meth:`DPSGDTrainer.train` passes), not a seeded one.
     """
     q = sampling_rate(num_examples, batch_size)
     for _ in range(steps):
@@ -414,8 +447,16 @@ class DPSGDTrainer:
     loss_fn : callable, optional
         ``loss_fn(y, out) -> (B,)`` per-example losses; default
         :func:`default_loss_fn`.
-    seed : int, optional
-        Seed of the noise generator; OS entropy when ``None``.
+    insecure_seed : int, optional
+        Test hook: seeds the noise and the batch sampling so that runs
+        replay. The result is NOT private (anyone with the seed regenerates
+        the noise). ``None`` (the default): fresh OS entropy
+        (:mod:`privacy.randomness`).
+
+    Attributes
+    ----------
+    source : privacy.randomness.RandomSource
+        Where the noise and the batches of :meth:`train` come from.
 
     Notes
     -----
@@ -430,7 +471,7 @@ class DPSGDTrainer:
         *,
         method: Method = "auto",
         loss_fn: LossFn | None = None,
-        seed: int | None = None,
+        insecure_seed: int | None = None,
     ) -> None:
         import tensorflow as tf
 
@@ -442,7 +483,8 @@ class DPSGDTrainer:
         self._num_params = sum(self._sizes)
         self.plan = layer_plan(model) if self.method == "ghost" else []
         self.traces = 0
-        self.set_seed(seed)
+        self._noise = GaussianNoise(self._num_params)
+        self.set_insecure_seed(insecure_seed)
         x_spec = tf.TensorSpec([None, *model.input_shape[1:]], tf.float32)
         y_spec = tf.TensorSpec([None], tf.int64)
         scalar = tf.TensorSpec([], tf.float32)
@@ -467,9 +509,25 @@ class DPSGDTrainer:
             if fallback:
                 log(INFO, "DP-SGD: per-example fallback for layers %s", fallback)
 
-    def set_seed(self, seed: int | None) -> None:
-        """Reseed the noise source (``None``: OS entropy)."""
-        self._noise = GaussianNoise(self._num_params, seed)
+    def set_insecure_seed(self, insecure_seed: int | None) -> None:
+        """Replace the noise and batch randomness; the buffers are kept.
+
+        Parameters
+        ----------
+        insecure_seed : int or None
+            A seed (test hook; the trainer is then NOT private), or ``None``
+            for fresh OS entropy on every draw.
+        """
+        self.source: RandomSource = random_source(insecure_seed)
+        self._noise.source = self.source
+        if insecure_seed is not None:
+            log(WARNING, "DP-SGD noise and batches seeded (insecure_seed=%d): %s",
+                insecure_seed, NOT_PRIVATE)
+
+    @property
+    def private(self) -> bool:
+        """False when the noise and batches can be replayed from a seed."""
+        return self.source.private
 
     # ---- traced pieces
 
@@ -628,9 +686,13 @@ class DPSGDTrainer:
         learning_rate: float,
         noise_multiplier: float,
         clipping_norm: float,
-        rng: np.random.Generator,
     ) -> DPSGDResult:
-        """``num_steps(n, B, epochs)`` Poisson-sampled DP-SGD steps on ``data``."""
+        """``num_steps(n, B, epochs)`` Poisson-sampled DP-SGD steps on ``data``.
+
+        The batches come from one generator of :attr:`source` per call (fresh
+        OS entropy unless an insecure seed was set), the noise from a new one
+        per step.
+        """
         n = len(data)
         steps = num_steps(n, batch_size, epochs)
         if steps == 0:
@@ -639,6 +701,7 @@ class DPSGDTrainer:
         window = max(1, steps // max(1, epochs))  # the last epoch's worth of steps
         loss_sum, loss_count = 0.0, 0
         hyper = _hyper(clipping_norm, noise_multiplier, learning_rate, denominator)
+        rng = self.source.generator()
         for index, batch in enumerate(poisson_batches(n, batch_size, steps, rng)):
             batch_loss = self._step_hyper(data.x[batch], data.y[batch], hyper)
             if index >= steps - window:
@@ -665,16 +728,58 @@ def _hyper(
     )
 
 
-class GaussianNoise:
-    """Standard normal float32 vectors of one size, drawn into reused buffers.
+#: Values per independently seeded chunk of a noise draw. The layout is fixed
+#: (not derived from the thread count), so a seeded draw is the same on every
+#: machine; 2^18 float64 values (2 MiB) make a chunk's seeding, a few
+#: microseconds, negligible next to its ~2 ms of sampling.
+NOISE_CHUNK = 1 << 18
 
-    Box-Muller on PCG64 uniforms (NumPy), with ``1 - u`` in ``(2^-24, 1]`` so
-    the radius is finite and tails are cut at about 5.8 sigma, as in
-    TensorFlow's own float32 normal kernel (Philox + Box-Muller, cut at
-    ``u >= 1e-7``). Working in place in preallocated buffers avoids the page
-    faults of fresh multi-megabyte tensors, which made ``tf.random`` cost
-    2-3x as much per draw here; DP-SGD draws one number per parameter per
-    step, a large share of its cost (bench/results/dp_sgd_epoch.md).
+
+def _cores() -> int:
+    """CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+@cache
+def _noise_pool() -> ThreadPoolExecutor:
+    """Threads shared by all noise draws (the calling thread fills a share too)."""
+    return ThreadPoolExecutor(max_workers=max(1, _cores() - 1), thread_name_prefix="dp-noise")
+
+
+# A forked child inherits the pool object but not its threads, and the pool
+# would count the parent's idle workers as its own and never run a task.
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(after_in_child=_noise_pool.cache_clear)
+
+
+class GaussianNoise:
+    """Standard normal vectors of one size, for the Gaussian mechanism, in reused buffers.
+
+    Each value is a float64 ``numpy.random.Generator.standard_normal`` draw,
+    then rounded to ``dtype``. NumPy's ziggurat samples the tail beyond 3.65
+    sigma exactly, by Marsaglia's exponential rejection, rather than cutting
+    it: the largest value it can return, set by 53-bit uniforms, is about 12
+    sigma, and the normal's mass beyond that is below 1e-32. A cut matters
+    because the Gaussian mechanism's (epsilon, delta) (Abadi et al. 2016)
+    is for the untruncated normal: noise that never exceeds ``t`` sigma
+    lets an output reveal which of two neighbouring datasets was used with
+    probability up to ``P(Z > t - 1/z)`` per step, which the accountant does
+    not charge. The previous sampler, Box-Muller on float32 uniforms (as in
+    TensorFlow's float32 normal kernel), stopped at ``t = 5.77``.
+
+    Randomness comes from :mod:`privacy.randomness`: by default a generator
+    freshly seeded from OS entropy for every draw, so no state survives
+    between steps and no user seed can reach it. A draw is split into
+    chunks of :data:`NOISE_CHUNK` values, each filled from its own stream
+    spawned from that generator (``Generator.spawn``), by up to ``threads``
+    threads; NumPy releases the GIL while sampling, and TF is idle between
+    steps. Drawing into preallocated buffers avoids the page faults of fresh
+    multi-megabyte arrays, which made ``tf.random`` cost 2-3x as much per
+    draw here; DP-SGD draws one number per parameter per step, a large share
+    of its cost (bench/results/dp_sgd_epoch.md).
 
     Like tensorflow-privacy's noise (and any floating-point sampler), it is
     not hardened against the least-significant-bit attack of Mironov (2012).
@@ -683,33 +788,67 @@ class GaussianNoise:
     ----------
     size : int
         Length of each vector.
-    seed : int, optional
-        Seed for reproducible tests; OS entropy when ``None``.
+    insecure_seed : int, optional
+        Test hook: a seed that makes the draws replayable, and the noise
+        therefore NOT private. ``None`` (the default): fresh OS entropy.
+    dtype : numpy dtype, default float32
+        Floating dtype of the vectors (the model's; sampling is in float64).
+    threads : int, optional
+        Most threads filling one draw; default: this process's cores, at most
+        one per chunk. The values do not depend on it.
+
+    Attributes
+    ----------
+    source : privacy.randomness.RandomSource
+        Gives the generator of each draw; may be replaced.
     """
 
-    def __init__(self, size: int, seed: int | None = None) -> None:
+    def __init__(
+        self,
+        size: int,
+        insecure_seed: int | None = None,
+        *,
+        dtype: npt.DTypeLike = np.float32,
+        threads: int | None = None,
+    ) -> None:
+        dtype = np.dtype(dtype)
+        if not np.issubdtype(dtype, np.floating):
+            raise ValueError(f"noise dtype must be floating, got {dtype}")
         self.size = size
-        half = (size + 1) // 2
-        self._rng = np.random.default_rng(seed)
-        self._uniform = np.empty((2, half), np.float32)
-        self._out = np.empty(2 * half, np.float32)
+        self.source: RandomSource = random_source(insecure_seed)
+        self._buffer = np.empty(size, np.float64)
+        # A float64 output is the sampling buffer itself: no copy.
+        self._out = self._buffer if dtype == np.float64 else np.empty(size, dtype)
+        self._chunks = [
+            slice(lo, min(lo + NOISE_CHUNK, size)) for lo in range(0, size, NOISE_CHUNK)
+        ]
+        wanted = _cores() if threads is None else threads
+        self.threads = max(1, min(wanted, len(self._chunks)))
+
+    @property
+    def private(self) -> bool:
+        """False when the draws can be replayed from a seed."""
+        return self.source.private
 
     def draw(self) -> np.ndarray:
-        """The next vector: a view into a buffer that the next draw overwrites."""
-        uniform, out = self._uniform, self._out
-        half = uniform.shape[1]
-        self._rng.random(out=uniform, dtype=np.float32)  # [0, 1)
-        radius, angle = uniform[0], uniform[1]
-        np.negative(radius, out=radius)
-        np.log1p(radius, out=radius)  # log(1 - u), finite
-        radius *= np.float32(-2.0)
-        np.sqrt(radius, out=radius)
-        angle *= np.float32(2.0 * np.pi)
-        np.cos(angle, out=out[:half])
-        np.sin(angle, out=out[half:])
-        out[:half] *= radius
-        out[half:] *= radius
-        return out[: self.size]
+        """The next vector: the output buffer, which the next draw overwrites."""
+        streams = self.source.generator().spawn(len(self._chunks))
+        # Chunk i always comes from stream i, whichever thread fills it.
+        shares = [range(first, len(streams), self.threads) for first in range(self.threads)]
+        pending = [_noise_pool().submit(self._fill, streams, share) for share in shares[1:]]
+        self._fill(streams, shares[0])
+        for future in pending:
+            future.result()
+        return self._out
+
+    def _fill(self, streams: Sequence[np.random.Generator], share: range) -> None:
+        """Sample chunks ``share`` in float64 and round them into the output."""
+        for index in share:
+            chunk = self._chunks[index]
+            streams[index].standard_normal(out=self._buffer[chunk])
+            if self._out is not self._buffer:
+                # Right after sampling, while the chunk is still in cache.
+                np.copyto(self._out[chunk], self._buffer[chunk], casting="same_kind")
 
 
 def _clip_factors(norms: tf.Tensor, clip: tf.Tensor) -> tf.Tensor:
@@ -773,7 +912,7 @@ def dp_sgd_train(
     learning_rate: float,
     noise_multiplier: float,
     clipping_norm: float,
-    rng: np.random.Generator | None = None,
+    insecure_seed: int | None = None,
     method: Method = "auto",
 ) -> DPSGDResult:
     """Train ``model`` in place with DP-SGD; the drop-in for ``train_locally``.
@@ -791,13 +930,17 @@ def dp_sgd_train(
         Plain SGD step size.
     noise_multiplier, clipping_norm : float
         ``z`` and ``C``: noise stddev ``z C`` on each batch sum.
-    rng : numpy.random.Generator, optional
-        Batch sampling; OS entropy when ``None``. Noise is drawn separately
-        from OS entropy.
+    insecure_seed : int, optional
+        Test hook: seeds this call's batch sampling and noise so that it
+        replays; the result is NOT private. ``None`` (the default): fresh OS
+        entropy (:mod:`privacy.randomness`). It applies to this call only.
     method : {"auto", "ghost", "vectorized"}
         Per-example gradient method.
     """
     trainer = get_trainer(model, method)
+    # Set on every call, so that a seed never outlives the call that passed it
+    # (the trainer is cached for the process).
+    trainer.set_insecure_seed(insecure_seed)
     return trainer.train(
         data,
         epochs=epochs,
@@ -805,5 +948,4 @@ def dp_sgd_train(
         learning_rate=learning_rate,
         noise_multiplier=noise_multiplier,
         clipping_norm=clipping_norm,
-        rng=rng if rng is not None else np.random.default_rng(),
     )

@@ -126,7 +126,7 @@ def test_clipped_sum_equals_slow_per_example_reference(name: str, method: str) -
     want = clipped_reference_sum(grads, clip)
     unclipped = clipped_reference_sum(grads, 1e9)
     assert not np.allclose(want[0], unclipped[0], rtol=1e-3)  # clipping is active
-    got = DPSGDTrainer(model, method=method, seed=0).clipped_gradient_sum(x, y, clip)
+    got = DPSGDTrainer(model, method=method).clipped_gradient_sum(x, y, clip)
     assert_close(got, want)
 
 
@@ -157,7 +157,7 @@ def test_step_applies_mean_of_clipped_per_example_gradients(name: str) -> None:
     clip = float(np.quantile(norms(grads), 0.4))
     mean = [g / len(x) for g in clipped_reference_sum(grads, clip)]
     before = [v.numpy().copy() for v in model.trainable_variables]
-    trainer = DPSGDTrainer(model, seed=0)
+    trainer = DPSGDTrainer(model)
     trainer.step(x, y, clipping_norm=clip, noise_multiplier=0.0, learning_rate=0.5,
                  denominator=len(x))
     applied = [(b - v.numpy()) / 0.5 for b, v in zip(before, model.trainable_variables)]
@@ -167,7 +167,7 @@ def test_step_applies_mean_of_clipped_per_example_gradients(name: str) -> None:
 def test_noise_std_on_batch_sum_is_noise_multiplier_times_clip() -> None:
     model = small_cnn()  # ~9k parameters: one draw estimates the std to ~1%
     x, y = batch_for(model, 6)
-    trainer = DPSGDTrainer(model, seed=1234)
+    trainer = DPSGDTrainer(model, insecure_seed=1234)
     clip, z = 0.7, 1.3
     clean = np.concatenate([g.ravel() for g in trainer.clipped_gradient_sum(x, y, clip)])
     noisy = np.concatenate(
@@ -184,7 +184,7 @@ def test_noise_std_on_batch_sum_is_noise_multiplier_times_clip() -> None:
 def test_gaussian_noise_source_is_standard_normal() -> None:
     from scipy import stats
 
-    source = GaussianNoise(200_001, seed=3)  # odd size: Box-Muller pairs, one dropped
+    source = GaussianNoise(200_001, insecure_seed=3)
     first = source.draw().copy()
     second = source.draw()
     assert first.shape == (200_001,) and first.dtype == np.float32
@@ -193,14 +193,14 @@ def test_gaussian_noise_source_is_standard_normal() -> None:
     assert first.std() == pytest.approx(1.0, abs=0.01)
     assert np.mean(np.abs(first) > 2) == pytest.approx(0.0455, abs=0.002)  # two-sided tail
     assert stats.kstest(first, "norm").pvalue > 0.01
-    again = GaussianNoise(10, seed=1).draw()
-    np.testing.assert_array_equal(GaussianNoise(10, seed=1).draw(), again)
+    again = GaussianNoise(10, insecure_seed=1).draw()
+    np.testing.assert_array_equal(GaussianNoise(10, insecure_seed=1).draw(), again)
 
 
 def test_empty_batch_step_is_pure_noise_with_that_std() -> None:
     """A Poisson batch may be empty; the step still adds N(0, (zC)^2) / (qn)."""
     model = small_mlp()
-    trainer = DPSGDTrainer(model, seed=7)
+    trainer = DPSGDTrainer(model, insecure_seed=7)
     before = np.concatenate([v.numpy().ravel() for v in model.trainable_variables])
     x, y = batch_for(model, 0)
     trainer.step(x, y, clipping_norm=2.0, noise_multiplier=0.8, learning_rate=0.1,
@@ -213,9 +213,9 @@ def test_empty_batch_step_is_pure_noise_with_that_std() -> None:
 def test_noise_is_seeded_and_differs_between_steps() -> None:
     model = small_mlp()
     x, y = batch_for(model, 4)
-    a = DPSGDTrainer(model, seed=5).noisy_gradient_sum(x, y, 1.0, 1.0)
-    b = DPSGDTrainer(model, seed=5).noisy_gradient_sum(x, y, 1.0, 1.0)
-    trainer = DPSGDTrainer(model, seed=5)
+    a = DPSGDTrainer(model, insecure_seed=5).noisy_gradient_sum(x, y, 1.0, 1.0)
+    b = DPSGDTrainer(model, insecure_seed=5).noisy_gradient_sum(x, y, 1.0, 1.0)
+    trainer = DPSGDTrainer(model, insecure_seed=5)
     trainer.noisy_gradient_sum(x, y, 1.0, 1.0)
     c = trainer.noisy_gradient_sum(x, y, 1.0, 1.0)
     np.testing.assert_array_equal(a[0], b[0])
@@ -229,7 +229,7 @@ def test_non_finite_example_is_dropped_not_propagated() -> None:
     keep = [0, 1, 3, 4]
     want = clipped_reference_sum(per_example_gradients(model, x[keep], y[keep]), 0.5)
     for method in ("ghost", "vectorized"):
-        got = DPSGDTrainer(model, method=method, seed=0).clipped_gradient_sum(x, y, 0.5)
+        got = DPSGDTrainer(model, method=method).clipped_gradient_sum(x, y, 0.5)
         assert all(np.all(np.isfinite(g)) for g in got)
         assert_close(got, want)
 
@@ -254,9 +254,9 @@ def test_train_takes_accounted_steps_and_traces_once() -> None:
         num_classes=3, kind="tabular", name="toy",
     )
     first = dp_sgd_train(model, data, epochs=2, batch_size=8, learning_rate=0.1,
-                         noise_multiplier=1.0, clipping_norm=1.0, rng=rng)
+                         noise_multiplier=1.0, clipping_norm=1.0, insecure_seed=0)
     second = dp_sgd_train(model, data, epochs=1, batch_size=16, learning_rate=0.05,
-                          noise_multiplier=0.5, clipping_norm=2.0, rng=rng)
+                          noise_multiplier=0.5, clipping_norm=2.0, insecure_seed=1)
     assert first.steps == num_steps(50, 8, 2) == 13
     assert second.steps == num_steps(50, 16, 1) == 4
     assert math.isfinite(first.loss) and math.isfinite(second.loss)
@@ -273,7 +273,7 @@ def test_learning_reduces_loss_without_noise() -> None:
     data = LabeledData(x=x, y=y, num_classes=3, kind="tabular", name="toy")
     start = float(np.mean(default_loss_fn(model)(y, model(x)).numpy()))
     result = dp_sgd_train(model, data, epochs=15, batch_size=16, learning_rate=0.5,
-                          noise_multiplier=0.0, clipping_norm=1.0, rng=rng)
+                          noise_multiplier=0.0, clipping_norm=1.0, insecure_seed=1)
     end = float(np.mean(default_loss_fn(model)(y, model(x)).numpy()))
     assert end < 0.7 * start
     assert result.loss < start

@@ -130,7 +130,7 @@ def test_ledger_after_real_local_training_matches_independent_computation() -> N
     state = SamplePrivacyState(delta=DELTA)
     for _ in range(3):
         result = dp_sgd_train(model, data, epochs=epochs, batch_size=batch, learning_rate=0.1,
-                              noise_multiplier=z, clipping_norm=1.0, rng=rng)
+                              noise_multiplier=z, clipping_norm=1.0)
         spec = SampleDPRound(result.num_examples, batch, epochs, z)
         assert result.steps == spec.steps
         state.record(spec)
