@@ -378,6 +378,9 @@ class LocalDeployment:  # pylint: disable=too-many-instance-attributes
     port: int = 0
     data_paths: dict[int, str] = field(default_factory=dict)
     superlink_args: Sequence[str] = ()
+    #: The data owners' privacy limits, ``key=value ...`` added to every
+    #: SuperNode's node config (:mod:`privacy.node_limits`).
+    node_limits: str = ""
     processes: list[ManagedProcess] = field(default_factory=list, init=False)
     supernodes: list[SuperNodeSlot] = field(default_factory=list, init=False)
 
@@ -453,6 +456,8 @@ class LocalDeployment:  # pylint: disable=too-many-instance-attributes
         ]
         if index in self.data_paths:
             parts.append(f"data-path={_config_string(self.data_paths[index])}")
+        if self.node_limits.strip():
+            parts.append(self.node_limits.strip())
         return " ".join(parts)
 
     def write_cli_config(self) -> Path:
@@ -856,6 +861,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "instead of running the app")
     parser.add_argument("--no-restart-crashed", dest="restart_crashed", action="store_false",
                         help="do not restart a SuperNode that exits during the run")
+    parser.add_argument("--node-limits", default="",
+                        help="privacy limits every SuperNode pins whatever the server asks, "
+                        "as node-config 'key=value ...' (e.g. \"private-layers='head' "
+                        "require-dp-sgd=true max-sample-epsilon=8.0\"); see deploy/README.md")
     parser.add_argument("--timeout", type=float, default=None,
                         help="stop everything if the run takes longer than this many seconds")
     args = parser.parse_args(argv)
@@ -867,7 +876,28 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(str(error))
     if args.num_supernodes is None:
         args.num_supernodes = max(args.data_paths) + 1 if args.data_paths else 2
+    try:
+        check_node_limits(args.node_limits)
+    except ValueError as error:
+        parser.error(f"--node-limits: {error}")
     return args
+
+
+def check_node_limits(node_limits: str) -> None:
+    """Parse ``--node-limits`` as Flower parses node config, then as the ClientApp will.
+
+    Raises
+    ------
+    ValueError
+        Naming the bad key and the allowed values, before anything starts.
+    """
+    if not node_limits.strip():
+        return
+    from flwr.common.config import parse_config_args  # pylint: disable=import-outside-toplevel
+
+    from privacy.node_limits import parse_node_limits  # pylint: disable=import-outside-toplevel
+
+    parse_node_limits(parse_config_args([node_limits]))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -877,7 +907,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         deployment = LocalDeployment(
             args.workdir, num_supernodes=args.num_supernodes, insecure=args.insecure,
-            port=args.port, data_paths=args.data_paths,
+            port=args.port, data_paths=args.data_paths, node_limits=args.node_limits,
         )
     except DeploymentError as error:
         logger.error("%s", error)

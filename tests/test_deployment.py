@@ -407,3 +407,19 @@ def test_dp_run_survives_a_supernode_killed_mid_round_and_its_restart(
     assert rogue_code not in (None, 0), rogue.log_text()[-2000:]
     assert ACTIVATION_REFUSED in rogue.log_text()
     assert count(UNKNOWN_KEY_REFUSED, deployment.superlink.log_text()) >= 1  # type: ignore[union-attr]
+
+
+def test_node_limits_reach_every_supernode_and_bad_ones_fail_before_start(tmp_path: Path) -> None:
+    from deploy.local_deploy import check_node_limits, parse_args
+    from privacy.node_limits import parse_node_limits
+
+    limits = "private-layers='head' require-dp-sgd=true max-sample-epsilon=8.0"
+    deployment = LocalDeployment(tmp_path / "work", num_supernodes=2, node_limits=limits)
+    deployment.prepare()
+    for slot in deployment.supernodes:
+        parsed = parse_node_limits(parse_config_args([slot.node_config]))
+        assert parsed.require_dp_sgd and parsed.max_sample_epsilon == 8.0
+    with pytest.raises(ValueError, match="max-sample-epsilon"):
+        check_node_limits("max-sample-epsilon=0")
+    with pytest.raises(SystemExit):
+        parse_args(["--node-limits", "require-dpsgd=true"])
