@@ -49,7 +49,7 @@ from privacy.node_limits import (
     violations,
 )
 from privacy.randomness import secure_generator
-from privacy.sample_accounting import SampleDPRound, reply_metrics
+from privacy.sample_accounting import SampleDPRound
 from strategies import protocol
 from strategies.fedavg import to_arrayrecord, to_numpy
 
@@ -57,6 +57,7 @@ from .config import RunConfig, parse_run_config
 from .private_state import load_private, save_private
 from .sample_ledger import (
     METRIC_SAMPLE_EPSILON_ALL_RUNS,
+    reply_metrics,
     assume_spent,
     load_ledger,
     record_round,
@@ -240,8 +241,8 @@ def train(msg: Message, context: Context) -> Message:
     global_arrays = received_shared(msg, setup)
     set_weights(model, {**global_arrays, **private_part(context, setup)})
     config = msg.content["config"]
-    epochs, batch_size = int(config["local-epochs"]), int(config["batch-size"])
-    learning_rate = float(config["learning-rate"])
+    epochs, batch_size = int(config[protocol.LOCAL_EPOCHS]), int(config[protocol.BATCH_SIZE])
+    learning_rate = float(config[protocol.LEARNING_RATE])
     metrics: dict[str, float | int] = {}
     loss: float | None
     if run_config.dp_sgd:
@@ -292,7 +293,7 @@ def train(msg: Message, context: Context) -> Message:
             proximal_mu=run_config.proximal_mu,
             global_weights=global_arrays,
             shared_paths=set(setup.shared_paths),
-            seed=local_seed(run_config.seed, int(config["server-round"]), setup.partition_id),
+            seed=local_seed(run_config.seed, int(config[protocol.SERVER_ROUND]), setup.partition_id),
         )
     else:
         loss = train_locally(
@@ -312,8 +313,8 @@ def train(msg: Message, context: Context) -> Message:
             "arrays": to_arrayrecord(arrays),
             "metrics": MetricRecord(
                 {
-                    **({} if loss is None else {"train-loss": loss}),
-                    "num-examples": len(setup.train),
+                    **({} if loss is None else {protocol.TRAIN_LOSS: loss}),
+                    protocol.NUM_EXAMPLES: len(setup.train),
                     **metrics,
                 }
             ),
@@ -351,5 +352,5 @@ def evaluate(msg: Message, context: Context) -> Message:
         set_weights(model, {**global_arrays, **private_part(context, setup)})
         loss, accuracy = evaluate_model(model, setup.val)
     metrics.update({"personalized-loss": loss, "personalized-accuracy": accuracy})
-    metrics["num-examples"] = len(setup.val)
+    metrics[protocol.NUM_EXAMPLES] = len(setup.val)
     return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

@@ -17,11 +17,15 @@ the per-run figure alone would under-state the records' total exposure.
 
 from __future__ import annotations
 
+import math
+
 from logging import INFO, WARNING
 from pathlib import Path
 
 from flwr.app import ConfigRecord, Context
 from flwr.common.logger import log
+
+from strategies import protocol
 
 from privacy.sample_accounting import (
     STATE_FILE,
@@ -34,7 +38,19 @@ from privacy.sample_accounting import (
 from .private_state import STATE_DIR_KEY
 
 LIFETIME_FILE = "sample-privacy-all-runs.json"
-METRIC_SAMPLE_EPSILON_ALL_RUNS = "sample-epsilon-all-runs"
+METRIC_SAMPLE_EPSILON_ALL_RUNS = protocol.SAMPLE_EPSILON_ALL_RUNS
+
+
+def reply_metrics(state: SamplePrivacyState, *, exhausted: bool = False) -> dict[str, float | int]:
+    """The sample-level metrics a client sends with its train reply (:mod:`strategies.protocol`)."""
+    epsilon = state.epsilon
+    return {
+        protocol.SAMPLE_EPSILON: epsilon if math.isfinite(epsilon) else float("inf"),
+        protocol.SAMPLE_DELTA: state.delta,
+        protocol.SAMPLE_ROUNDS: state.rounds,
+        protocol.SAMPLE_STEPS: state.total_steps,
+        protocol.SAMPLE_BUDGET_EXHAUSTED: int(exhausted),
+    }
 
 
 def _state_dir(context: Context) -> Path | None:

@@ -25,7 +25,7 @@ from data.federation import (
 )
 from privacy.central import NOT_COVERED
 from privacy.randomness import NOT_PRIVATE
-from privacy.sample_accounting import METRIC_SAMPLE_EPSILON, affordable_rounds, sample_epsilon
+from privacy.sample_accounting import affordable_rounds, sample_epsilon
 from strategies import protocol
 from strategies.dp_fedavg import DPFedAvg
 from strategies.fedavg import FedAvg, RoundReport, to_arrayrecord, to_numpy
@@ -128,7 +128,7 @@ def build_strategy(config: RunConfig) -> FedAvg:
 
 
 # What FedAvg's metric aggregation makes of the clients' sample-epsilon.
-SAMPLE_EPSILON_MAX = f"{METRIC_SAMPLE_EPSILON}-max"
+SAMPLE_EPSILON_MAX = f"{protocol.SAMPLE_EPSILON}-max"
 
 
 def running_sample_epsilon_max(
@@ -335,7 +335,7 @@ def main(grid: Grid, context: Context) -> None:
                 protocol.ROUNDS_BEFORE_RESUME: start_round - 1,
             }
         ),
-        evaluate_config=ConfigRecord({"batch-size": config.batch_size}),
+        evaluate_config=ConfigRecord({protocol.BATCH_SIZE: config.batch_size}),
         evaluate_fn=central,
         on_round_end=[on_round_end],
         start_round=start_round,

@@ -26,7 +26,6 @@ project the sample-level epsilon before round 1 cheaply.
 from __future__ import annotations
 
 import json
-import math
 import os
 import tempfile
 from collections import Counter
@@ -45,11 +44,6 @@ STATE_FILE = "sample-privacy.json"
 """File name of the ledger inside a node's state folder."""
 
 # Reply metric keys (kebab-case, as everywhere in the project's metrics).
-METRIC_SAMPLE_EPSILON = "sample-epsilon"
-METRIC_SAMPLE_DELTA = "sample-delta"
-METRIC_SAMPLE_ROUNDS = "sample-rounds"
-METRIC_SAMPLE_STEPS = "sample-steps"
-METRIC_SAMPLE_BUDGET_EXHAUSTED = "sample-budget-exhausted"
 
 
 def sampling_rate(num_examples: int, batch_size: int) -> float:
@@ -358,15 +352,3 @@ def newest(*states: SamplePrivacyState | None) -> SamplePrivacyState | None:
     if not present:
         return None
     return max(present, key=lambda s: (s.rounds, s.total_steps))
-
-
-def reply_metrics(state: SamplePrivacyState, *, exhausted: bool = False) -> dict[str, float | int]:
-    """The sample-level metrics a client sends with its train reply."""
-    epsilon = state.epsilon
-    return {
-        METRIC_SAMPLE_EPSILON: epsilon if math.isfinite(epsilon) else float("inf"),
-        METRIC_SAMPLE_DELTA: state.delta,
-        METRIC_SAMPLE_ROUNDS: state.rounds,
-        METRIC_SAMPLE_STEPS: state.total_steps,
-        METRIC_SAMPLE_BUDGET_EXHAUSTED: int(exhausted),
-    }

@@ -17,10 +17,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
-
 from flwr.app import Array, ArrayRecord, Message, MetricRecord
 
-NUM_EXAMPLES_KEY = "num-examples"
+from . import protocol
+
+NUM_EXAMPLES_KEY = protocol.NUM_EXAMPLES
 
 
 class InvalidReply(ValueError):

@@ -12,17 +12,17 @@ import pytest
 from dp_accounting.pld import PLDAccountant
 from dp_accounting.rdp import RdpAccountant
 
+from app.sample_ledger import reply_metrics
+from strategies.protocol import SAMPLE_BUDGET_EXHAUSTED as METRIC_SAMPLE_BUDGET_EXHAUSTED
+from strategies.protocol import SAMPLE_DELTA as METRIC_SAMPLE_DELTA
+from strategies.protocol import SAMPLE_EPSILON as METRIC_SAMPLE_EPSILON
+from strategies.protocol import SAMPLE_ROUNDS as METRIC_SAMPLE_ROUNDS
 from privacy.sample_accounting import (
-    METRIC_SAMPLE_BUDGET_EXHAUSTED,
-    METRIC_SAMPLE_DELTA,
-    METRIC_SAMPLE_EPSILON,
-    METRIC_SAMPLE_ROUNDS,
     SampleDPRound,
     SamplePrivacyState,
     expected_batch_size,
     newest,
     num_steps,
-    reply_metrics,
     sample_epsilon,
     sampling_rate,
 )
