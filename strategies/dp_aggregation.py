@@ -40,6 +40,10 @@ class DPAggregation:
         The DP mechanism of the run (its settings, ledger and randomness).
     """
 
+    #: Per-client norms and similarities are statistics of the clients' data
+    #: that the guarantee does not cover: never released.
+    per_client_report = False
+
     def __init__(self, mechanism: CentralGaussian) -> None:
         self.mechanism = mechanism
         self._plan: RoundPlan | None = None

@@ -42,17 +42,25 @@ class Aggregate:
         Node id -> why its reply was left out.
     metrics : dict of str to float
         The stage's own figures for the round (DP: epsilon, noise stddev ...).
+    down_weighted : dict of int to str
+        Node id -> how a valid reply was excluded or down-weighted by a robust
+        stage (Krum's exclusions, norm bounding's clipping).
     """
 
     arrays: dict[str, np.ndarray] | None
     used: list[TrainReply]
     rejected: dict[int, str] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
+    down_weighted: dict[int, str] = field(default_factory=dict)
 
 
 @runtime_checkable
 class AggregationStage(Protocol):
     """One way to aggregate a round; see the module docstring."""
+
+    #: Whether per-client figures (update norms, similarities) may be released:
+    #: False where they would break a guarantee (DP-FedAvg).
+    per_client_report: bool
 
     def summary(self) -> None:
         """Log the stage's settings."""
@@ -98,6 +106,8 @@ class WeightedMean:
     (:func:`~strategies.aggregation.finite_weighted_mean`); a reply holding
     either is left out. No state.
     """
+
+    per_client_report = True
 
     def summary(self) -> None:
         """Nothing beyond FedAvg's own summary."""

@@ -1,0 +1,97 @@
+"""Per-client anomaly report: each reply's update norm and its cosine similarity to the aggregate.
+
+What lets an operator see a failing device: a reply whose update is ten
+times the others' norm, or points away from the aggregate (cosine near -1),
+stands out in ``metrics.json`` and the progress line. Never computed under
+DP-FedAvg: per-client figures are statistics of a client's data that the
+guarantee does not cover (:attr:`AggregationStage.per_client_report`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .validation import TrainReply
+
+
+@dataclass(frozen=True)
+class ClientFigures:
+    """One reply's figures in a round."""
+
+    node_id: int
+    norm: float
+    cosine: float
+    status: str = "used"
+
+    def as_dict(self) -> dict[str, float | int | str]:
+        """Kebab-case keys, as ``metrics.json`` writes them."""
+        return {
+            "node": self.node_id,
+            "update-norm": self.norm,
+            "cosine-to-aggregate": self.cosine,
+            "status": self.status,
+        }
+
+
+def client_figures(
+    replies: Sequence[TrainReply],
+    reference: Mapping[str, np.ndarray],
+    averaged: Mapping[str, np.ndarray],
+    statuses: Mapping[int, str] | None = None,
+) -> list[ClientFigures]:
+    """Update norm and cosine to the aggregate update, for every reply (float64, one pass).
+
+    Parameters
+    ----------
+    replies : sequence of TrainReply
+        The round's valid replies (finite arrays of the reference's keys and shapes).
+    reference : mapping
+        The global arrays sent this round, ``x_t``.
+    averaged : mapping
+        The stage's aggregate ``x_t + Delta``.
+    statuses : mapping of node id to str, optional
+        How the stage treated each reply (``"excluded ..."``, ``"clipped ..."``);
+        ``"used"`` for the others.
+    """
+    n = len(replies)
+    squares, dots = np.zeros(n), np.zeros(n)
+    aggregate_square = 0.0
+    for key, ref in reference.items():
+        ref64 = np.asarray(ref, dtype=np.float64).ravel()
+        direction = np.asarray(averaged[key], dtype=np.float64).ravel() - ref64
+        aggregate_square += float(direction @ direction)
+        for index, reply in enumerate(replies):
+            update = np.asarray(reply.arrays[key], dtype=np.float64).ravel() - ref64
+            squares[index] += float(update @ update)
+            dots[index] += float(update @ direction)
+    aggregate_norm = math.sqrt(aggregate_square)
+    statuses = statuses or {}
+    figures = []
+    for index, reply in enumerate(replies):
+        norm = math.sqrt(squares[index])
+        denominator = norm * aggregate_norm
+        cosine = dots[index] / denominator if denominator > 0 else 0.0
+        figures.append(
+            ClientFigures(reply.node_id, norm, cosine, statuses.get(reply.node_id, "used"))
+        )
+    return figures
+
+
+def summary_line(figures: Sequence[ClientFigures]) -> str:
+    """A short text for the progress line: the largest norm, the lowest cosine, exclusions."""
+    if not figures:
+        return ""
+    largest = max(figures, key=lambda f: f.norm)
+    lowest = min(figures, key=lambda f: f.cosine)
+    median = float(np.median([f.norm for f in figures]))
+    parts = [f"norm median {median:.3g} max {largest.norm:.3g} (node {largest.node_id})"]
+    parts.append(f"min cosine {lowest.cosine:.2f} (node {lowest.node_id})")
+    off = [f.node_id for f in figures if f.status != "used"]
+    if off:
+        parts.append(f"down-weighted {len(off)} ({', '.join(str(n) for n in off[:5])}"
+                     f"{', ...' if len(off) > 5 else ''})")
+    return "; ".join(parts)
