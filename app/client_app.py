@@ -29,6 +29,7 @@ from clients.private_layers import (
     shared_spec,
     split_weights,
 )
+from clients.faults import faulty_update, flip_labels, is_faulty
 from clients.proximal import local_seed, train_proximal
 from clients.training import ModelSpec, get_model, initial_weights, train_locally
 from clients.training import evaluate as evaluate_model
@@ -92,6 +93,8 @@ class LocalSetup:
     limits: NodeLimits = NodeLimits()
     server_private_paths: frozenset[str] = frozenset()
     node_private_paths: frozenset[str] = frozenset()
+    #: A simulated faulty client (``faulty-fraction``, simulation only).
+    faulty: bool = False
 
 
 @lru_cache(maxsize=16)
@@ -131,6 +134,11 @@ def local_setup(context: Context) -> LocalSetup:
         )
     task = task_of(partition_id, config.client_tasks)
     train, val = apply_task(train, task), apply_task(val, task)
+    faulty = source.num_partitions is not None and is_faulty(
+        partition_id, source.num_partitions, config.faulty_fraction
+    )
+    if faulty and config.faulty_kind == "label-flip":
+        train = flip_labels(train)
     spec = model_spec(config, train)
     server_private, server_shared = _private_paths(spec, config.private_layers)
     node_private, node_shared = _private_paths(spec, limits.private_layers)
@@ -143,7 +151,7 @@ def local_setup(context: Context) -> LocalSetup:
         )
     return LocalSetup(
         partition_id, task, train, val, spec, server_private | node_private, shared,
-        limits, server_private, node_private,
+        limits, server_private, node_private, faulty,
     )
 
 
@@ -302,6 +310,12 @@ def train(msg: Message, context: Context) -> Message:
     shared, private = split_weights(get_weights(model), setup.private_paths)
     if private:
         save_private(context, private)
+    if setup.faulty:
+        # Simulation only (the ServerApp refuses faulty-fraction in a deployment).
+        stale, _ = split_weights(initial_weights(setup.spec), setup.private_paths)
+        shared = faulty_update(
+            run_config.faulty_kind, shared, global_arrays, stale, np.random.default_rng()
+        )
     arrays = outgoing_arrays(shared, global_arrays, config)
     try:
         guard_outgoing(arrays, setup.shared_paths, shared_spec(global_arrays))

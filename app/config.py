@@ -15,6 +15,8 @@ from data.partition import PARTITIONERS
 from data.public_slice import parse_server_data
 from data.sources import SOURCES, is_known_dataset
 from data.tasks import TASKS
+from clients.faults import FAULT_KINDS
+from strategies.robust import AGGREGATORS
 from strategies.server_optimizers import SERVER_OPTIMIZERS
 
 
@@ -122,6 +124,17 @@ RULES: dict[str, Rule] = {
         + " (client k takes the k-th in turn)",
         lambda v: all(t.strip() in TASKS for t in v.split(",")),
     ),
+    "aggregator": _one_of(AGGREGATORS),
+    "trim-fraction": Rule(float, "a number in [0, 0.5)", lambda v: 0 <= v < 0.5),
+    "byzantine-clients": _NON_NEGATIVE_INT,
+    "update-norm-bound": _POSITIVE_FLOAT,
+    "norm-bound-adaptive": _BOOL,
+    "client-report": _BOOL,
+    "faulty-fraction": Rule(
+        float, "a number in [0, 1) (simulation only: that fraction of clients misbehaves)",
+        lambda v: 0 <= v < 1,
+    ),
+    "faulty-kind": _one_of(FAULT_KINDS),
 }
 
 
@@ -174,6 +187,14 @@ class RunConfig:
     private_layers: str
     resume: str
     client_tasks: str
+    aggregator: str
+    trim_fraction: float
+    byzantine_clients: int
+    update_norm_bound: float
+    norm_bound_adaptive: bool
+    client_report: bool
+    faulty_fraction: float
+    faulty_kind: str
 
     def as_dict(self) -> dict[str, Any]:
         """The config with its kebab-case keys, as written to ``metrics.json``."""
@@ -250,6 +271,14 @@ def parse_run_config(run_config: Mapping[str, Any]) -> RunConfig:
             f"run config 'proximal-mu' = {config.proximal_mu} cannot be combined with "
             "'dp-sgd' = true: the proximal term is not part of DP-SGD's clipped "
             "per-example gradients; set proximal-mu = 0 or dp-sgd = false"
+        )
+    if config.strategy == "dp-fedavg" and config.aggregator not in ("mean", "norm-bound"):
+        raise ConfigError(
+            f"run config 'aggregator' = {config.aggregator!r} cannot be combined with "
+            "'strategy' = 'dp-fedavg': DP-FedAvg's noise is calibrated to the sensitivity "
+            "C/m of a clipped mean, and the sensitivity of a median, trimmed mean or Krum "
+            "selection is not derived here, so its epsilon would not hold; use "
+            "aggregator='mean' or 'norm-bound' (DP-FedAvg's clipping is norm bounding)"
         )
     if config.fraction_evaluate > 0 and config.min_evaluate_nodes < 1:
         raise ConfigError(

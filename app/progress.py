@@ -136,6 +136,8 @@ def format_round_line(
         parts.append(f"personalised accuracy {personalised:.4f}")
     if "num-sampled" in entry:
         parts.append(f"{entry.get('num-accepted', 0)}/{entry.get('num-sampled', 0)} replies")
+    if (clients := entry.get("clients")) and isinstance(clients, list):
+        parts.append(format_clients(clients))
     if (epsilon := number(entry.get("epsilon"))) is not None:
         parts.append(f"epsilon {epsilon:.3f}")
     if (sample_epsilon := number(entry.get("sample-epsilon-max"))) is not None:
@@ -146,6 +148,23 @@ def format_round_line(
     if remaining is not None and server_round < num_rounds:
         parts.append(f"ETA {format_duration(remaining)}")
     return " | ".join(parts)
+
+
+def format_clients(clients: list[dict[str, Any]]) -> str:
+    """The per-client report in a few words: largest update norm, lowest cosine, exclusions."""
+    figures = [c for c in clients if number(c.get("update-norm")) is not None]
+    if not figures:
+        return "no client figures"
+    largest = max(figures, key=lambda c: float(c["update-norm"]))
+    lowest = min(figures, key=lambda c: float(c.get("cosine-to-aggregate", 0.0)))
+    text = (
+        f"max norm {float(largest['update-norm']):.3g} (node {largest.get('node')}), "
+        f"min cos {float(lowest.get('cosine-to-aggregate', 0.0)):.2f} (node {lowest.get('node')})"
+    )
+    off = [str(c.get("node")) for c in figures if c.get("status", "used") != "used"]
+    if off:
+        text += f", down-weighted {len(off)}: {', '.join(off[:4])}{', ...' if len(off) > 4 else ''}"
+    return text
 
 
 # ---------------------------------------------------------------------- summary

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
+from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
 from clients.private_layers import private_variable_paths, split_weights
 from clients.server_training import ServerTrainer, make_server_update_fn
@@ -30,6 +31,8 @@ from strategies import protocol
 from strategies.dp_fedavg import DPFedAvg
 from strategies.fedavg import FedAvg, RoundReport, to_arrayrecord, to_numpy
 from strategies.sampling import wait_for_nodes
+from strategies.robust import CoordinateMedian, Krum, NormBound, TrimmedMean
+from strategies.stages import AggregationStage
 from strategies.server_optimizers import (
     DEFAULT_LEARNING_RATES,
     ServerOptimizer,
@@ -91,8 +94,32 @@ def build_server_optimizer(config: RunConfig) -> ServerOptimizer | None:
     return make_server_optimizer(name, rate, **hyper)
 
 
+def build_aggregator(config: RunConfig) -> AggregationStage | None:
+    """The robust aggregation stage of ``aggregator`` (``None``: FedAvg's weighted mean)."""
+    if config.aggregator == "median":
+        return CoordinateMedian()
+    if config.aggregator == "trimmed-mean":
+        return TrimmedMean(config.trim_fraction)
+    if config.aggregator in ("krum", "multi-krum"):
+        keep = 1 if config.aggregator == "krum" else None
+        return Krum(config.byzantine_clients, keep=keep)
+    if config.aggregator == "norm-bound":
+        return NormBound(config.update_norm_bound, adaptive=config.norm_bound_adaptive)
+    return None
+
+
+def check_simulation_only(config: RunConfig, grid: Grid) -> None:
+    """Refuse simulated faulty clients outside Flower's simulation engine (before round 1)."""
+    if config.faulty_fraction > 0 and not isinstance(grid, InMemoryGrid):
+        raise ConfigError(
+            f"run config 'faulty-fraction' = {config.faulty_fraction:g} makes clients "
+            "misbehave on purpose to evaluate robust aggregation; it is allowed in Flower's "
+            "simulation engine only, never in a deployment; set faulty-fraction = 0"
+        )
+
+
 def build_strategy(config: RunConfig) -> FedAvg:
-    """FedAvg, or DP-FedAvg when ``strategy='dp-fedavg'``, with the chosen server optimiser."""
+    """FedAvg (with the chosen aggregator), or DP-FedAvg, with the chosen server optimiser."""
     optimizer = build_server_optimizer(config)
     common = dict(
         fraction_train=config.fraction_train,
@@ -103,7 +130,19 @@ def build_strategy(config: RunConfig) -> FedAvg:
         seed=config.seed,
     )
     if config.strategy == "fedavg":
-        return FedAvg(server_optimizer=optimizer, **common)
+        return FedAvg(
+            server_optimizer=optimizer,
+            aggregator=build_aggregator(config),
+            report_clients=config.client_report,
+            **common,
+        )
+    if config.aggregator == "norm-bound":
+        log(
+            INFO,
+            "aggregator='norm-bound' under DP-FedAvg is DP-FedAvg's own clipping: every "
+            "update is bounded to clipping-norm %g (update-norm-bound is not used)",
+            config.clipping_norm,
+        )
     sgd_rate = config.server_learning_rate or 1.0
     try:
         return DPFedAvg(
@@ -217,6 +256,9 @@ def round_entry(report: RoundReport, strategy: FedAvg | None = None) -> dict[str
         entry["num-rejected"] = report.num_rejected
         entry["elapsed-s"] = round(report.elapsed_s, 3)
         entry.update(report.aggregation_metrics)
+        if report.client_figures:
+            # Never under DP-FedAvg: its stage does not release per-client figures.
+            entry["clients"] = report.client_figures
         if isinstance(strategy, DPFedAvg) and not strategy.private:
             entry[NOT_PRIVATE_KEY] = 1
         trainer = getattr(strategy, "server_update_fn", None)
@@ -236,6 +278,7 @@ def main(grid: Grid, context: Context) -> None:
         strategy = build_strategy(config)
         evaluator = CentralEvaluator(config)
         private_paths = check_private_layers(config, evaluator.model)
+        check_simulation_only(config, grid)
     except ConfigError as error:
         log(ERROR, "Invalid run config: %s", error)
         raise

@@ -26,6 +26,7 @@ from flwr.serverapp.strategy import Result, Strategy
 
 from . import protocol
 from .aggregation import weighted_metrics
+from .anomaly import ClientFigures, client_figures, summary_line
 from .sampling import (
     generator_state,
     restore_generator,
@@ -69,6 +70,8 @@ class RoundReport:
     arrays: ArrayRecord | None = None
     #: The aggregation stage's figures of the round (DP-FedAvg: epsilon, noise ...).
     aggregation_metrics: dict[str, float] = field(default_factory=dict)
+    #: Per reply: node, update norm, cosine to the aggregate, status (report_clients).
+    client_figures: list[dict[str, float | int | str]] = field(default_factory=list)
 
 
 RoundListener = Callable[[RoundReport], None]
@@ -238,7 +241,13 @@ class FedAvg(Strategy):
         How the round's valid replies become the averaged model
         (:mod:`strategies.stages`); ``None`` is FedAvg's example-weighted mean
         (:class:`~strategies.stages.WeightedMean`). DP-FedAvg is this loop
-        with :class:`~strategies.dp_aggregation.DPAggregation`.
+        with :class:`~strategies.dp_aggregation.DPAggregation`; robust
+        aggregators are in :mod:`strategies.robust`.
+    report_clients : bool (default: False)
+        Measure every valid reply's update norm and cosine similarity to the
+        aggregate (:mod:`strategies.anomaly`; one more pass over the replies),
+        into :attr:`last_client_figures` and the round report. Never done
+        for a stage whose per-client figures must not be released (DP-FedAvg).
     """
 
     # pylint: disable=too-many-arguments
@@ -254,8 +263,12 @@ class FedAvg(Strategy):
         server_optimizer: ServerOptimizer | None = None,
         server_update_fn: ServerUpdateFn | None = None,
         aggregator: AggregationStage | None = None,
+        report_clients: bool = False,
     ) -> None:
         self.aggregator: AggregationStage = WeightedMean() if aggregator is None else aggregator
+        self.report_clients = report_clients and self.aggregator.per_client_report
+        #: Every valid reply's norm and cosine to the aggregate, last round (report_clients).
+        self.last_client_figures: list[ClientFigures] = []
         #: The stage's figures of the last aggregated round (DP: epsilon ...).
         self.last_aggregation_metrics: dict[str, float] = {}
         # (server_round, connected nodes): one listing per round for the stop
@@ -411,6 +424,14 @@ class FedAvg(Strategy):
             self.last_num_rejected += 1
             self.last_failures[node] = reason
         self.last_aggregation_metrics = dict(result.metrics)
+        self.last_client_figures = []
+        if self.report_clients and result.arrays is not None:
+            valid = [reply for reply in replies if reply.node_id not in result.rejected]
+            self.last_client_figures = client_figures(
+                valid, self._sent_arrays, result.arrays, result.down_weighted
+            )
+            log(INFO, "Round %d clients: %s", server_round,
+                summary_line(self.last_client_figures))
         return result.arrays, result.used
 
     def aggregate_arrays(
@@ -471,6 +492,7 @@ class FedAvg(Strategy):
         if self._round_skipped:
             self.last_num_rejected = 0
             self.last_aggregation_metrics = {}
+            self.last_client_figures = []
             return None, None
         accepted = self.accept_train_replies(server_round, replies)
         mean, accepted = self.aggregate_replies(server_round, accepted)
@@ -638,6 +660,7 @@ class FedAvg(Strategy):
             report.num_rejected = self.last_num_rejected
             report.num_accepted = len(replies) - self.last_num_rejected
             report.aggregation_metrics = dict(self.last_aggregation_metrics)
+            report.client_figures = [f.as_dict() for f in self.last_client_figures]
             if new_arrays is not None:
                 arrays = new_arrays
                 result.arrays = arrays

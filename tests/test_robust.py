@@ -147,3 +147,18 @@ def test_bad_settings_are_refused() -> None:
         Krum(-1)
     with pytest.raises(ValueError, match="norm bound"):
         NormBound(0.0)
+
+
+def test_fedavg_reports_every_valid_reply_and_what_krum_excluded() -> None:
+    from strategies.fedavg import FedAvg
+
+    rng = np.random.default_rng(7)
+    models = _models(rng, 5, scale=0.01)
+    models.append({k: np.full(s, 50.0, np.float32) for k, s in SHAPES.items()})  # way off
+    strategy = FedAvg(aggregator=Krum(byzantine_clients=1, keep=None), report_clients=True)
+    strategy._sent_arrays = dict(REFERENCE)
+    averaged, used = strategy.aggregate_replies(1, _replies(models))
+    figures = {f.node_id: f for f in strategy.last_client_figures}
+    assert set(figures) == set(range(1, 7)) and 6 not in {r.node_id for r in used}
+    assert figures[6].status.startswith("excluded") and figures[6].norm > 100
+    assert FedAvg(report_clients=False).last_client_figures == []
