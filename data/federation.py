@@ -21,6 +21,7 @@ from .dataset import LabeledData
 from .partition import partition_indices
 from .public_slice import parse_server_data, split_public_slice
 from .sources import load_official_split, load_source
+from .tabular_file import DEFAULT_MAX_CLASSES
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,7 @@ class FederationSpec:
     shards_per_client: int = 2
     val_fraction: float = 0.1
     server_data: str = ""
+    max_classes: int = DEFAULT_MAX_CLASSES
 
 
 @dataclass(frozen=True)
@@ -76,9 +78,9 @@ def stratified_split(
 
 
 @lru_cache(maxsize=4)
-def load_dataset(name: str, data_path: str) -> LabeledData:
-    """Load a source once per process."""
-    return load_source(name, data_path)
+def load_dataset(name: str, data_path: str, max_classes: int = DEFAULT_MAX_CLASSES) -> LabeledData:
+    """Load a source once per process (``max_classes``: the cap on a table's label space)."""
+    return load_source(name, data_path, max_classes=max_classes)
 
 
 def standardize(train: LabeledData, *others: LabeledData) -> list[LabeledData]:
@@ -89,18 +91,24 @@ def standardize(train: LabeledData, *others: LabeledData) -> list[LabeledData]:
     """
     if train.kind != "tabular":
         return [train, *others]
-    mean = train.x.mean(axis=0)
-    std = train.x.std(axis=0)
+    # float64: float32 sums of features near 1e20..3e38 overflow or cancel, and
+    # the standardised columns would come out NaN or zero.
+    mean = train.x.mean(axis=0, dtype=np.float64)
+    std = train.x.std(axis=0, dtype=np.float64)
     std[std == 0] = 1.0
     return [
-        replace(part, x=((part.x - mean) / std).astype(np.float32))
+        replace(part, x=((part.x.astype(np.float64) - mean) / std).astype(np.float32))
         for part in (train, *others)
     ]
 
 
 @lru_cache(maxsize=4)
 def load_server_split(
-    name: str, data_path: str, test_fraction: float, seed: int
+    name: str,
+    data_path: str,
+    test_fraction: float,
+    seed: int,
+    max_classes: int = DEFAULT_MAX_CLASSES,
 ) -> tuple[LabeledData, LabeledData]:
     """Return ``(train, test)``: the test set is held out before partitioning.
 
@@ -113,7 +121,9 @@ def load_server_split(
     if official is not None:
         train, test = official
     else:
-        train, test = stratified_split(load_dataset(name, data_path), test_fraction, seed)
+        train, test = stratified_split(
+            load_dataset(name, data_path, max_classes), test_fraction, seed
+        )
     train, test = standardize(train, test)
     return train, test
 
@@ -132,7 +142,9 @@ def load_server_data(spec: FederationSpec) -> LabeledData | None:
     server_data = parse_server_data(spec.server_data)
     if server_data is None:
         return None
-    train, _ = load_server_split(spec.dataset, spec.data_path, spec.test_fraction, spec.seed)
+    train, _ = load_server_split(
+        spec.dataset, spec.data_path, spec.test_fraction, spec.seed, spec.max_classes
+    )
     return split_public_slice(train, server_data.size, spec.seed)[1]
 
 
@@ -140,7 +152,7 @@ def load_server_data(spec: FederationSpec) -> LabeledData | None:
 def build_federation(spec: FederationSpec) -> Federation:
     """Hold out the server's test set, then partition the rest over the clients."""
     train, test = load_server_split(
-        spec.dataset, spec.data_path, spec.test_fraction, spec.seed
+        spec.dataset, spec.data_path, spec.test_fraction, spec.seed, spec.max_classes
     )
     train = client_pool(train, spec)
     partitions = partition_indices(

@@ -39,6 +39,9 @@ Label space
     0..4) or the class names in the order the server's file numbers them
     (integer labels ascending, names sorted: ``classes=benign,malignant``).
     A node may hold only some of them; a label outside them is an error.
+    The declared classes, and the file's own label space, are capped at
+    ``max_classes`` (:data:`data.tabular_file.DEFAULT_MAX_CLASSES`, the
+    run-config key ``max-classes``), as the server's table is.
 Validation split
     The node's rows are split into train and validation with the run config's
     ``val-fraction``, stratified by label, seeded with ``seed +
@@ -76,7 +79,13 @@ from .federation import split_local, standardize
 from .heart import HEART_CLASSES, parse_heart_table, preprocess_heart
 from .mnist import load_mnist
 from .sources import FUSION_SEPARATOR, SOURCES
-from .tabular_file import canonical_value, read_table_file
+from .tabular_file import (
+    DEFAULT_MAX_CLASSES,
+    TableFileError,
+    canonical_value,
+    check_max_classes,
+    read_table_file,
+)
 
 PARTITION_ID = "partition-id"
 NUM_PARTITIONS = "num-partitions"
@@ -138,7 +147,9 @@ def _integer(node_config: Mapping[str, object], key: str, default: int | None = 
 
 
 # ------------------------------------------------------------------------------ files
-def split_classes(data_path: str) -> tuple[str, tuple[str, ...] | None]:
+def split_classes(
+    data_path: str, max_classes: int = DEFAULT_MAX_CLASSES
+) -> tuple[str, tuple[str, ...] | None]:
     """Take ``classes=...`` out of a table ``data-path``'s query.
 
     Returns the ``data-path`` without it (for :func:`read_table_file`) and the
@@ -147,9 +158,11 @@ def split_classes(data_path: str) -> tuple[str, tuple[str, ...] | None]:
 
     Raises
     ------
-    ValueError
-        On an empty or repeated class list.
+    TableFileError
+        On an empty or repeated class list, or more than ``max_classes``
+        classes (checked before any name is built).
     """
+    check_max_classes(max_classes)
     path, sep, query = data_path.partition("?")
     kept, declared = [], None
     for item in filter(None, query.split("&")):
@@ -159,14 +172,29 @@ def split_classes(data_path: str) -> tuple[str, tuple[str, ...] | None]:
             continue
         names = [canonical_value(v) for v in value.split(",") if v.strip()]
         if not names:
-            raise ValueError(f"data-path {data_path!r}: {CLASSES_KEY}= names no class")
-        if len(names) == 1 and names[0].isdigit():
-            count = int(names[0])
+            raise TableFileError(f"data-path {data_path!r}: {CLASSES_KEY}= names no class")
+        if len(names) == 1 and names[0].isascii() and names[0].isdigit():
+            text = names[0].lstrip("0") or "0"
+            if len(text) > len(str(max_classes)) or int(text) > max_classes:
+                raise TableFileError(
+                    f"data-path {data_path!r}: {CLASSES_KEY}={names[0]} is more than "
+                    f"the class cap of {max_classes} (max-classes)"
+                )
+            count = int(text)
             if count < 2:
-                raise ValueError(f"data-path {data_path!r}: {CLASSES_KEY}={count} needs >= 2")
+                raise TableFileError(
+                    f"data-path {data_path!r}: {CLASSES_KEY}={count} needs >= 2"
+                )
             names = [str(k) for k in range(count)]
+        if len(names) > max_classes:
+            raise TableFileError(
+                f"data-path {data_path!r}: {CLASSES_KEY} declares {len(names)} classes, "
+                f"more than the class cap of {max_classes} (max-classes)"
+            )
         if len(set(names)) != len(names):
-            raise ValueError(f"data-path {data_path!r}: {CLASSES_KEY} repeats a name: {names}")
+            raise TableFileError(
+                f"data-path {data_path!r}: {CLASSES_KEY} repeats a name: {names}"
+            )
         declared = tuple(names)
     rebuilt = path + (sep + "&".join(kept) if kept else "")
     return rebuilt, declared
@@ -202,11 +230,22 @@ def load_heart_file(data_path: str) -> LabeledData:
     )
 
 
-def load_table_file(data_path: str, file_format: str) -> LabeledData:
-    """A CSV/``.npz`` table whose labels are renumbered onto the declared ``classes``."""
-    path_text, declared = split_classes(data_path)
+def load_table_file(
+    data_path: str, file_format: str, max_classes: int = DEFAULT_MAX_CLASSES
+) -> LabeledData:
+    """A CSV/``.npz`` table whose labels are renumbered onto the declared ``classes``.
+
+    Raises
+    ------
+    TableFileError
+        On a malformed file or ``data-path``, an undeclared label space, more
+        than ``max_classes`` classes, or a label outside the declared ones.
+    FileNotFoundError
+        When the file is not on this node.
+    """
+    path_text, declared = split_classes(data_path, max_classes)
     if declared is None:
-        raise ValueError(
+        raise TableFileError(
             f"node config data-path {data_path!r} must declare the federation's label "
             f"space, which the server's model has: add '{CLASSES_KEY}=N' (integer labels "
             f"0..N-1) or '{CLASSES_KEY}=name1,name2,...' (in the order the server's file "
@@ -214,14 +253,20 @@ def load_table_file(data_path: str, file_format: str) -> LabeledData:
             "A node may hold only some of the classes; its model must still have all of them"
         )
     _existing_file(path_text.partition("?")[0], f"this institution's .{file_format} file")
-    table = read_table_file(path_text, file_format)  # type: ignore[arg-type]
+    table = read_table_file(
+        path_text,
+        file_format,  # type: ignore[arg-type]
+        max_classes=max_classes,
+        defines_label_space=False,
+    )
     index = {name: k for k, name in enumerate(declared)}
     present = sorted(set(table.data.y.tolist()))
     unknown = [table.class_names[k] for k in present if table.class_names[k] not in index]
     if unknown:
-        raise ValueError(
-            f"node config data-path {data_path!r}: labels {unknown} are not among the "
-            f"declared {CLASSES_KEY} {list(declared)}"
+        raise TableFileError(
+            f"node config data-path {data_path!r}: labels {unknown[:20]} are not among the "
+            f"declared {CLASSES_KEY} {list(declared[:20])}"
+            f"{' ...' if len(declared) > 20 else ''}"
         )
     mapping = np.array([index.get(name, -1) for name in table.class_names], dtype=np.int64)
     return LabeledData(
@@ -230,8 +275,12 @@ def load_table_file(data_path: str, file_format: str) -> LabeledData:
     )
 
 
-def load_node_file(dataset: str, data_path: str) -> LabeledData:
+def load_node_file(
+    dataset: str, data_path: str, max_classes: int = DEFAULT_MAX_CLASSES
+) -> LabeledData:
     """The whole of a node's own file, in the format of the run's ``dataset``.
+
+    ``max_classes`` caps a table's label space (``csv``/``npz`` only).
 
     Raises
     ------
@@ -254,7 +303,7 @@ def load_node_file(dataset: str, data_path: str) -> LabeledData:
         _existing_file(data_path, "a Keras-layout .npz or a folder holding mnist.npz")
         return load_mnist(data_path)
     if name in ("csv", "npz"):
-        return load_table_file(data_path, name)
+        return load_table_file(data_path, name, max_classes)
     if name in SOURCES:
         raise ValueError(
             f"dataset={dataset!r} ships no files a node could hold; a node config "
@@ -266,13 +315,19 @@ def load_node_file(dataset: str, data_path: str) -> LabeledData:
 
 @lru_cache(maxsize=16)
 def load_node_data(
-    dataset: str, data_path: str, val_fraction: float, seed: int, partition_id: int = 0
+    dataset: str,
+    data_path: str,
+    val_fraction: float,
+    seed: int,
+    partition_id: int = 0,
+    max_classes: int = DEFAULT_MAX_CLASSES,
 ) -> tuple[LabeledData, LabeledData]:
     """This node's own ``(train, validation)``, from its file alone (see the module docstring).
 
-    Cached per process, like a partition.
+    ``max_classes`` caps a table's label space (the run-config key
+    ``max-classes``). Cached per process, like a partition.
     """
-    local = load_node_file(dataset, data_path)
+    local = load_node_file(dataset, data_path, max_classes)
     train, val = standardize(*split_local(local, val_fraction, seed + partition_id))
     log(
         INFO,

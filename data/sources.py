@@ -12,6 +12,10 @@
 - ``csv`` / ``npz``: ``data-path`` is ``file[?label=col][&institution=col]``
   (:mod:`data.tabular_file`).
 
+Every loading function takes ``max_classes``, the cap on a table's label
+space (default :data:`data.tabular_file.DEFAULT_MAX_CLASSES`; the run-config
+key ``max-classes``); sources with a fixed label space ignore it.
+
 For a fused dataset, ``data-path`` is empty (every source's default) or one
 entry per source, in the same order, separated by ``;`` (an empty entry
 selects that source's default), e.g. ``dataset = "heart+csv"`` with
@@ -29,7 +33,13 @@ from .digits import load_digits
 from .fusion import FusionReport, Schema, fuse
 from .heart import HEART_CLASSES, HEART_FEATURES, load_heart
 from .mnist import load_mnist, load_mnist_split
-from .tabular_file import TableFile, read_table_file
+from .tabular_file import (
+    DEFAULT_MAX_CLASSES,
+    TableFile,
+    TableFileError,
+    check_max_classes,
+    read_table_file,
+)
 
 FUSION_SEPARATOR = "+"
 PATH_SEPARATOR = ";"
@@ -43,9 +53,10 @@ class LoadedSource:
     schema: Schema
 
 
-# A loader takes the run-config ``data-path`` ("" when unset) and returns the
-# whole dataset; it raises FileNotFoundError/ValueError with a clear message.
-SourceLoader = Callable[[str], LoadedSource]
+# A loader takes the run-config ``data-path`` ("" when unset) and the class cap
+# ``max_classes`` and returns the whole dataset; it raises
+# FileNotFoundError/ValueError with a clear message.
+SourceLoader = Callable[[str, int], LoadedSource]
 
 
 def _from_table(table: TableFile) -> LoadedSource:
@@ -53,13 +64,17 @@ def _from_table(table: TableFile) -> LoadedSource:
 
 
 SOURCES: dict[str, SourceLoader] = {
-    "digits": lambda data_path: LoadedSource(load_digits(), Schema()),
-    "mnist": lambda data_path: LoadedSource(load_mnist(data_path), Schema()),
-    "heart": lambda data_path: LoadedSource(
+    "digits": lambda data_path, max_classes: LoadedSource(load_digits(), Schema()),
+    "mnist": lambda data_path, max_classes: LoadedSource(load_mnist(data_path), Schema()),
+    "heart": lambda data_path, max_classes: LoadedSource(
         load_heart(data_path), Schema(HEART_FEATURES, HEART_CLASSES)
     ),
-    "csv": lambda data_path: _from_table(read_table_file(data_path, "csv")),
-    "npz": lambda data_path: _from_table(read_table_file(data_path, "npz")),
+    "csv": lambda data_path, max_classes: _from_table(
+        read_table_file(data_path, "csv", max_classes=max_classes)
+    ),
+    "npz": lambda data_path, max_classes: _from_table(
+        read_table_file(data_path, "npz", max_classes=max_classes)
+    ),
 }
 
 # Sources with a published train/test split (see load_official_split).
@@ -115,38 +130,61 @@ def split_data_path(data_path: str, count: int) -> list[str]:
     return entries
 
 
-def load_described_source(name: str, data_path: str = "") -> LoadedSource:
+def load_described_source(
+    name: str, data_path: str = "", *, max_classes: int = DEFAULT_MAX_CLASSES
+) -> LoadedSource:
     """Load the single source registered as ``name``, with its schema."""
     names = source_names(name)
     if len(names) != 1:
         raise ValueError(f"dataset={name!r} fuses {len(names)} sources; use load_fused")
-    return SOURCES[names[0]](data_path)
+    return SOURCES[names[0]](data_path, check_max_classes(max_classes))
 
 
-def load_fused(dataset: str, data_path: str = "") -> tuple[LabeledData, FusionReport]:
+def load_fused(
+    dataset: str, data_path: str = "", *, max_classes: int = DEFAULT_MAX_CLASSES
+) -> tuple[LabeledData, FusionReport]:
     """Load every source of a ``+``-joined ``dataset`` and fuse them.
 
     Each source, or each institution of a source, becomes one group of the
     result; see :func:`data.fusion.fuse` for the alignment rules and errors.
+
+    Raises
+    ------
+    TableFileError
+        When a table, or the union of the sources' classes, has more than
+        ``max_classes`` classes.
     """
+    check_max_classes(max_classes)
     names = source_names(dataset)
     loaded = [
-        SOURCES[n](p)
+        SOURCES[n](p, max_classes)
         for n, p in zip(names, split_data_path(data_path, len(names)), strict=True)
     ]
-    return fuse(
+    fused, report = fuse(
         [s.data for s in loaded],
         [s.schema for s in loaded],
         name=FUSION_SEPARATOR.join(names),
     )
+    if fused.num_classes > max_classes:
+        raise TableFileError(
+            f"dataset={dataset!r}, data-path {data_path!r}: the fused label space has "
+            f"{fused.num_classes} classes, more than the class cap of {max_classes} "
+            "(max-classes); the sources' class names differ more than expected"
+        )
+    return fused, report
 
 
-def load_source(name: str, data_path: str = "") -> LabeledData:
-    """Load the dataset ``name``: one registered source, or several fused with ``+``."""
+def load_source(
+    name: str, data_path: str = "", *, max_classes: int = DEFAULT_MAX_CLASSES
+) -> LabeledData:
+    """Load the dataset ``name``: one registered source, or several fused with ``+``.
+
+    ``max_classes`` caps a table's label space (see :mod:`data.tabular_file`).
+    """
     names = source_names(name)
     if len(names) > 1:
-        return load_fused(name, data_path)[0]
-    return SOURCES[names[0]](data_path).data
+        return load_fused(name, data_path, max_classes=max_classes)[0]
+    return SOURCES[names[0]](data_path, check_max_classes(max_classes)).data
 
 
 def load_official_split(

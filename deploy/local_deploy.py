@@ -4,14 +4,21 @@ What it does, in order (``--insecure`` skips the certificates and keys):
 
 1. creates a private CA, a SuperLink certificate for ``127.0.0.1``/``localhost``
    and one ECDSA P-384 authentication key pair per SuperNode
-   (:mod:`deploy.certificates`);
+   (:mod:`deploy.certificates`), or reuses those an earlier run left in the
+   work folder when they are still valid (an invalid one is replaced, with a
+   warning saying why);
 2. starts ``flower-superlink`` with TLS and SuperNode authentication on;
 3. registers each SuperNode's public key with ``flwr supernode register``;
 4. starts N ``flower-supernode`` processes, each with its own
    ``--node-config`` (``partition-id``, ``num-partitions``, ``state-dir`` and,
    when given, ``data-path``), its own ``FLWR_HOME`` and its own state folder;
-5. runs the app with ``flwr run <repo> local-deployment --stream``;
-6. stops everything it started, by process group, when the run ends, on
+5. runs the app with ``flwr run <repo> local-deployment --stream``, after
+   checking the ``--run-config`` keys against ``[tool.flwr.app.config]``;
+6. asks the SuperLink for the run's status (``flwr ls --run-id RUN --format
+   json``): ``flwr run`` exits with 0 whatever the run's outcome, so the exit
+   code of this script is 1 when the run ended ``finished:failed`` or
+   ``finished:stopped`` (or its status could not be read);
+7. stops everything it started, by process group, when the run ends, on
    Ctrl-C, on SIGTERM and at interpreter exit.
 
 A SuperNode that crashes during the run is restarted (``--restart-crashed``,
@@ -33,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import difflib
 import json
 import logging
 import os
@@ -43,15 +51,17 @@ import socket
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
-from deploy.certificates import create_auth_key_pair, create_tls_files
+from deploy.certificates import ensure_auth_key_pair, ensure_tls_files
 
 REPO = Path(__file__).resolve().parents[1]
+PYPROJECT = REPO / "pyproject.toml"
 BIN = Path(sys.executable).parent
 CONNECTION = "local-deployment"
 LOOPBACK = "127.0.0.1"
@@ -60,6 +70,11 @@ DEFAULT_PORT = 9093
 
 SUPERNODE_READY = "SuperNode ID:"
 """Logged by ``flower-supernode`` once the SuperLink has accepted (activated) it."""
+RUN_STARTED = re.compile(r"Successfully started run (\d+)")
+"""Printed by ``flwr run`` once the SuperLink has created the run."""
+RUN_CREATED = re.compile(r"Created run (\d+)")
+"""Logged by ``flower-superlink`` when it creates a run (found there when ``flwr run``
+prints to a terminal)."""
 ACTIVATION_REFUSED = "Failed to activate SuperNode"
 """Logged by ``flower-supernode`` when the SuperLink refuses it (exit code 305):
 an unregistered key, or a key whose previous process the SuperLink still
@@ -383,6 +398,8 @@ class LocalDeployment:  # pylint: disable=too-many-instance-attributes
     node_limits: str = ""
     processes: list[ManagedProcess] = field(default_factory=list, init=False)
     supernodes: list[SuperNodeSlot] = field(default_factory=list, init=False)
+    #: Length of the SuperLink's log when each ``flwr run`` (by pid) started.
+    _superlink_log_since: dict[int, int] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.workdir = Path(self.workdir).expanduser().resolve()
@@ -422,17 +439,26 @@ class LocalDeployment:  # pylint: disable=too-many-instance-attributes
         return self.base_env(self.cli_home)
 
     def prepare(self) -> None:
-        """Create folders, fresh certificates and keys, and the CLI connection (once)."""
+        """Create folders, certificates and keys, and the CLI connection (once).
+
+        Certificates and keys an earlier deployment left in the work folder
+        are reused when still valid (:func:`deploy.certificates.ensure_tls_files`,
+        :func:`~deploy.certificates.ensure_auth_key_pair`); an invalid set
+        (incomplete, mismatched, expired, readable by others) is replaced, and
+        the log says why. Nothing else ever replaces them.
+        """
         if self.supernodes:
             raise DeploymentError("this deployment is already prepared")
         self.workdir.mkdir(parents=True, exist_ok=True)
         if not self.insecure:
-            create_tls_files(self.certs_dir)
+            _, action = ensure_tls_files(self.certs_dir)
+            _log_key_action(f"CA and SuperLink certificate in {self.certs_dir}", action)
         for index in range(self.num_supernodes):
             folder = self.workdir / f"supernode-{index}"
             key_name = f"supernode-{index}"
             if not self.insecure:
-                create_auth_key_pair(self.keys_dir, key_name)
+                _, action = ensure_auth_key_pair(self.keys_dir, key_name)
+                _log_key_action(f"key pair {self.keys_dir / key_name}", action)
             slot = SuperNodeSlot(index=index, key_name=key_name, folder=folder, node_config="")
             slot.state_dir.mkdir(parents=True, exist_ok=True)
             slot.node_config = self.node_config(index, slot.state_dir)
@@ -682,10 +708,84 @@ class LocalDeployment:  # pylint: disable=too-many-instance-attributes
         return command
 
     def start_run(self, run_config: str = "", log_path: Path | None = None) -> ManagedProcess:
-        """Start ``flwr run`` (its output to ``log_path``, or to this terminal)."""
-        return self._track(
+        """Start ``flwr run`` (its output to ``log_path``, or to this terminal).
+
+        Raises
+        ------
+        DeploymentError
+            When ``run_config`` names a key the app's pyproject.toml does not
+            have (:func:`check_run_config`): Flower would refuse the run
+            without naming it.
+        """
+        try:
+            check_run_config(run_config)
+        except ValueError as error:
+            raise DeploymentError(str(error)) from None
+        since = self.superlink.log_size() if self.superlink is not None else 0
+        run = self._track(
             ManagedProcess("flwr-run", self.run_command(run_config), self.cli_env, log_path).start()
         )
+        self._superlink_log_since[run.pid] = since
+        return run
+
+    def run_id_of(self, run: ManagedProcess) -> int | None:
+        """The run ID ``run`` (a ``flwr run``) started: from its log, else the SuperLink's.
+
+        The SuperLink's log is read from where it stood when ``run`` started,
+        so with several runs started at once it may name another one; give
+        :meth:`start_run` a ``log_path`` to be sure.
+        """
+        if match := RUN_STARTED.search(run.log_text()):
+            return int(match.group(1))
+        if self.superlink is not None and run.process is not None:
+            since = self._superlink_log_since.get(run.pid, 0)
+            if match := RUN_CREATED.search(self.superlink.log_text(), since):
+                return int(match.group(1))
+        return None
+
+    def list_run_command(self, run_id: int) -> list[str]:
+        """``flwr ls local-deployment --run-id RUN --format json``."""
+        return [str(BIN / "flwr"), "ls", CONNECTION, "--run-id", str(run_id), "--format", "json"]
+
+    def run_status(self, run_id: int, settle_s: float = 15.0, timeout: float = 60.0) -> RunStatus:
+        """Run ``run_id``'s status on the SuperLink, waiting up to ``settle_s`` for it to finish.
+
+        Raises
+        ------
+        DeploymentError
+            When ``flwr ls`` fails, times out or does not list the run.
+        """
+        deadline = time.monotonic() + settle_s
+        while True:
+            try:
+                listing = subprocess.run(
+                    self.list_run_command(run_id), env=self.cli_env, cwd=self.workdir,
+                    capture_output=True, text=True, timeout=timeout, check=False,
+                )
+            except subprocess.TimeoutExpired:
+                raise DeploymentError(f"`flwr ls` did not answer within {timeout:.0f} s") from None
+            status = parse_run_status(listing.stdout, run_id, listing.returncode, listing.stderr)
+            if status.finished or time.monotonic() >= deadline:
+                return status
+            time.sleep(1.0)
+
+    def run_outcome(self, run: ManagedProcess, settle_s: float = 15.0) -> tuple[int, str]:
+        """The exit code and message for a ``flwr run`` that has exited: see :func:`run_verdict`.
+
+        ``flwr run`` exits with 0 even when the run failed, so its exit code
+        alone says nothing; the run's status on the SuperLink does.
+        """
+        if run.running():
+            raise DeploymentError("flwr run is still running")
+        flwr_code = int(run.returncode or 0)
+        run_id = self.run_id_of(run)
+        if flwr_code != 0 or run_id is None:
+            return run_verdict(flwr_code, run_id, None)
+        try:
+            status = self.run_status(run_id, settle_s)
+        except DeploymentError as error:
+            return run_verdict(flwr_code, run_id, None, str(error))
+        return run_verdict(flwr_code, run_id, status)
 
     def supervise(
         self,
@@ -753,6 +853,157 @@ def _parse_node_id(key: Path, returncode: int | None, output: str) -> int:
             f"registering {key} failed (exit code {returncode}):\n{output[-2000:]}"
         )
     return int(reply["node-id"])
+
+
+def _log_key_action(what: str, action: str) -> None:
+    """Log what :func:`deploy.certificates.ensure_tls_files` (or a key pair) did."""
+    if action.startswith("replaced"):
+        logger.warning("%s %s; created anew", what, action)
+    else:
+        logger.info("%s %s", what, action)
+
+
+# --------------------------------------------------------------------------- run outcome
+@dataclass(frozen=True)
+class RunStatus:
+    """A run's status as ``flwr ls --format json`` reports it."""
+
+    run_id: int
+    #: ``pending``, ``starting``, ``running`` or ``finished:<completed|failed|stopped>``.
+    status: str
+    #: Flower's ``status-details``, e.g. "ServerApp failed with exception: ..." ("" when none).
+    details: str = ""
+
+    @property
+    def finished(self) -> bool:
+        """Whether the run has ended, however."""
+        return self.status.split(":", 1)[0] == "finished"
+
+    @property
+    def completed(self) -> bool:
+        """Whether the run ended without error (``finished:completed``)."""
+        return self.status == "finished:completed"
+
+
+def parse_run_status(
+    output: str, run_id: int, returncode: int = 0, stderr: str = ""
+) -> RunStatus:
+    """Run ``run_id``'s status in the output of ``flwr ls --run-id RUN --format json``.
+
+    Flower 1.42 prints ``{"success": true, "runs": [{"run-id": "RUN", "status":
+    "finished:failed", "status-details": "...", ...}]}`` and, on an error (an
+    unreachable SuperLink, an unknown run), ``{"success": false,
+    "error-message": "..."}`` with exit code 0.
+
+    Raises
+    ------
+    DeploymentError
+        On an error reply, output that is not that JSON, or no entry for the run.
+    """
+    start, end = output.find("{"), output.rfind("}")
+    try:
+        reply = json.loads(output[start : end + 1]) if 0 <= start < end else None
+    except json.JSONDecodeError:
+        reply = None
+    if not isinstance(reply, dict):
+        raise DeploymentError(
+            f"`flwr ls` (exit code {returncode}) printed no JSON:\n{(output + stderr)[-2000:]}"
+        )
+    if not reply.get("success"):
+        # Flower puts what the command printed before the error first: keep the error.
+        lines = [line.strip() for line in str(reply.get("error-message", "")).splitlines()]
+        message = next((line for line in reversed(lines) if line), "no error message")
+        raise DeploymentError(f"`flwr ls` failed: {message}")
+    for entry in reply.get("runs") or []:
+        if isinstance(entry, dict) and str(entry.get("run-id")) == str(run_id):
+            details = str(entry.get("status-details") or "")
+            return RunStatus(
+                run_id, str(entry.get("status", "")), "" if details == "N/A" else details
+            )
+    raise DeploymentError(f"`flwr ls` does not list run {run_id}")
+
+
+def run_verdict(
+    flwr_code: int, run_id: int | None, status: RunStatus | None, problem: str = ""
+) -> tuple[int, str]:
+    """This script's exit code for a run, and the message saying why.
+
+    ``flwr run`` exits with 0 whatever becomes of the run once it is
+    created, so 0 comes only from a run whose status is
+    ``finished:completed``; a non-zero code of ``flwr run`` itself (the run
+    was never created, the SuperLink unreachable) is passed on; anything else
+    (failed, stopped, unfinished, unknown) gives 1.
+    """
+    if flwr_code != 0:
+        where = f" (run {run_id})" if run_id is not None else ""
+        return flwr_code, f"flwr run exited with code {flwr_code}{where}"
+    if run_id is None:
+        return 1, (
+            "flwr run exited with code 0, but neither its output nor the SuperLink's log "
+            "names the run it started; see `flwr ls`"
+        )
+    if status is None:
+        return 1, (
+            f"could not read the status of run {run_id} from the SuperLink: {problem} "
+            "(flwr run's exit code 0 says nothing about the run)"
+        )
+    if status.completed:
+        return 0, f"run {run_id} ended with status {status.status}"
+    details = f". Flower says: {status.details}" if status.details else ""
+    if status.finished:
+        return 1, (
+            f"run {run_id} ended with status {status.status} (flwr run exited with code 0, "
+            f"as it does whatever the outcome){details}"
+        )
+    return 1, f"run {run_id} still has status {status.status} although flwr run exited{details}"
+
+
+# --------------------------------------------------------------------------- run config
+def check_run_config(run_config: str, pyproject: Path = PYPROJECT) -> dict[str, object]:
+    """Parse ``--run-config`` as Flower does and check every key is the app's.
+
+    Flower's SuperLink refuses a run whose overrides name a key missing from
+    ``[tool.flwr.app.config]`` with only ``[code: 15] Invalid run
+    configuration.``; this names the key, close matches and the known keys.
+    Returns the parsed overrides.
+
+    Raises
+    ------
+    ValueError
+        On a key the app does not have, a .toml file, or a string Flower
+        cannot parse.
+    """
+    # pylint: disable=import-outside-toplevel
+    import click
+    from flwr.common.config import flatten_dict, parse_config_args
+
+    if not run_config.strip():
+        return {}
+    if run_config.strip().endswith(".toml"):
+        raise ValueError(
+            "--run-config takes \"key=value ...\" pairs here, not a .toml file (this script "
+            "adds output-dir, and Flower does not combine a file with pairs)"
+        )
+    try:
+        overrides = parse_config_args([run_config])
+    except click.ClickException as error:
+        raise ValueError(f"--run-config {run_config!r}: {error.message}") from None
+    with pyproject.open("rb") as handle:
+        known = flatten_dict(tomllib.load(handle)["tool"]["flwr"]["app"].get("config"))
+    unknown = [key for key in overrides if key not in known]
+    if unknown:
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, list(known), n=1)
+            hints.append(f"'{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+        raise ValueError(
+            f"--run-config: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(hints)}: "
+            f"[tool.flwr.app.config] in {pyproject} does not have "
+            f"{'them' if len(unknown) > 1 else 'it'}, and the SuperLink would refuse the run "
+            "saying only \"[code: 15] Invalid run configuration.\". Known keys: "
+            + ", ".join(sorted(known))
+        )
+    return dict(overrides)
 
 
 # --------------------------------------------------------------------------- command line
@@ -880,6 +1131,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         check_node_limits(args.node_limits)
     except ValueError as error:
         parser.error(f"--node-limits: {error}")
+    try:
+        check_run_config(args.run_config)
+    except ValueError as error:
+        parser.error(str(error))
     return args
 
 
@@ -933,6 +1188,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             logger.info("flwr run exited with code %d after %.1f s (deployment start included)",
                         code, time.monotonic() - started)
+            code, message = deployment.run_outcome(run)
+            if code == 0:
+                logger.info("%s", message)
+            else:
+                logger.error("%s", message)
             return code
     except _Interrupted as signame:
         logger.warning("%s received: stopping everything", signame)

@@ -19,6 +19,8 @@ Measured facts these tests rely on (Flower 1.42):
 from __future__ import annotations
 
 import ipaddress
+import json
+import logging
 import math
 import os
 import re
@@ -40,6 +42,7 @@ from flwr.cli.supernode.register import try_load_public_key
 from flwr.common.config import parse_config_args
 from flwr.supercore.primitives.asymmetric import public_key_to_bytes
 
+from deploy import local_deploy
 from deploy.certificates import create_auth_key_pair, create_tls_files
 from deploy.local_deploy import (
     ACTIVATION_REFUSED,
@@ -226,6 +229,203 @@ def test_harness_stop_ends_orphans_of_a_child_session_and_nothing_else(tmp_path:
             process.wait()
 
 
+# ------------------------------------------- reused work folder, run outcome, run config (fast)
+def test_a_reused_workdir_keeps_valid_keys_and_replaces_only_invalid_ones(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A second deployment in the same work folder reuses the CA and keys that are still valid."""
+    work = tmp_path / "work"
+    LocalDeployment(work, num_supernodes=2, port=45681).prepare()
+    files = sorted([*(work / "certs").iterdir(), *(work / "keys").iterdir()])
+    before = {path: path.read_bytes() for path in files}
+    assert len(before) == 8
+
+    (work / "keys" / "supernode-1").chmod(0o644)  # e.g. left so by an older version
+    with caplog.at_level(logging.INFO, logger="deploy"):
+        LocalDeployment(work, num_supernodes=2, port=45681).prepare()
+    after = {path: path.read_bytes() for path in files}
+    replaced = sorted(path.name for path in files if after[path] != before[path])
+    assert replaced == ["supernode-1", "supernode-1.pub"]
+    assert stat.S_IMODE((work / "keys" / "supernode-1").stat().st_mode) == 0o600
+    assert f"CA and SuperLink certificate in {work / 'certs'} reused" in caplog.text
+    assert (f"key pair {work / 'keys' / 'supernode-1'} replaced: "
+            f"{work / 'keys' / 'supernode-1'} has mode 0644") in caplog.text
+
+
+def _flwr_ls_json(status: str, details: str = "", run_id: int = 42) -> str:
+    """What ``flwr ls --run-id RUN --format json`` prints, made by Flower's own code."""
+    from flwr.cli.ls import _to_json  # pylint: disable=import-outside-toplevel
+    from flwr.cli.run_utils import RunRow  # pylint: disable=import-outside-toplevel
+
+    stamp = "2026-01-01 00:00:00Z"
+    finished = stamp if status.startswith("finished") else "N/A"
+    row = RunRow(
+        run_id=run_id, federation_id="@none/default", fab_id="fedprivacy/fedprivacy",
+        fab_version="0.1.0", fab_hash="ab" * 32, status_text=status, details=details or "N/A",
+        elapsed=3.0, pending_at=stamp, starting_at=stamp, running_at=stamp,
+        finished_at=finished, network_traffic_inbound=0, network_traffic_outbound=0,
+        compute_time_serverapp=3.0, compute_time_clientapp=0.0,
+    )
+    # Flower prints it with rich's print_json: indented.
+    return json.dumps(json.loads(_to_json([row])), indent=2) + "\n"
+
+
+# Measured (Flower 1.42): `flwr ls --run-id <unknown> --format json` exits 0 and prints this.
+FLWR_LS_ERROR = json.dumps({
+    "success": False,
+    "error-message": "Using SuperLink: local-deployment (127.0.0.1:53571)\n Displaying "
+    "information for run ID 77...\n\n[code: 16] Run ID not found.",
+}, indent=2)
+FAILED_DETAILS = ("ServerApp failed with exception: only 1 node(s) connected after waiting 2 s; "
+                  "this round needs 3 (see min-train-nodes, min-evaluate-nodes and "
+                  "node-wait-timeout)")
+
+
+def test_flwr_ls_json_gives_the_runs_status() -> None:
+    status = local_deploy.parse_run_status(_flwr_ls_json("finished:failed", FAILED_DETAILS), 42)
+    assert status == local_deploy.RunStatus(42, "finished:failed", FAILED_DETAILS)
+    assert status.finished and not status.completed
+    done = local_deploy.parse_run_status(_flwr_ls_json("finished:completed"), 42)
+    assert done.completed and done.details == ""  # Flower's "N/A"
+    assert not local_deploy.parse_run_status(_flwr_ls_json("running"), 42).finished
+    with pytest.raises(DeploymentError) as failed:
+        local_deploy.parse_run_status(FLWR_LS_ERROR, 77)
+    assert str(failed.value) == "`flwr ls` failed: [code: 16] Run ID not found."
+    with pytest.raises(DeploymentError, match="does not list run 43"):
+        local_deploy.parse_run_status(_flwr_ls_json("finished:completed"), 43)
+    with pytest.raises(DeploymentError, match="printed no JSON"):
+        local_deploy.parse_run_status("Traceback ...", 42, returncode=1)
+
+
+def test_only_a_completed_run_gives_exit_code_0() -> None:
+    verdict = local_deploy.run_verdict
+    status = local_deploy.RunStatus
+    assert verdict(0, 42, status(42, "finished:completed")) == (
+        0, "run 42 ended with status finished:completed")
+    code, message = verdict(0, 42, status(42, "finished:failed", FAILED_DETAILS))
+    assert code == 1
+    assert message == ("run 42 ended with status finished:failed (flwr run exited with code 0, "
+                       f"as it does whatever the outcome). Flower says: {FAILED_DETAILS}")
+    code, message = verdict(0, 42, status(42, "finished:stopped"))
+    assert code == 1 and message.startswith("run 42 ended with status finished:stopped (")
+    assert verdict(0, 42, status(42, "running")) == (
+        1, "run 42 still has status running although flwr run exited")
+    code, message = verdict(0, 42, None, "`flwr ls` failed: boom")
+    assert code == 1 and message.startswith(
+        "could not read the status of run 42 from the SuperLink: `flwr ls` failed: boom")
+    code, message = verdict(0, None, None)
+    assert code == 1 and "names the run it started" in message
+    # flwr run's own failure (e.g. the SuperLink refused to create the run) is passed on.
+    assert verdict(1, None, None) == (1, "flwr run exited with code 1")
+
+
+def _exited(command: str, tmp_path: Path, log: bool = True) -> ManagedProcess:
+    process = ManagedProcess(
+        "flwr-run", ["bash", "-c", command], dict(os.environ),
+        tmp_path / "run.log" if log else None,
+    ).start()
+    assert process.process is not None
+    process.process.wait(timeout=30)
+    return process
+
+
+def test_run_outcome_asks_flwr_ls_about_the_run_flwr_run_started(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    deployment = LocalDeployment(tmp_path / "work", num_supernodes=1, port=45682)
+    deployment.workdir.mkdir()  # as prepare() leaves it
+    assert deployment.list_run_command(42)[1:] == [
+        "ls", "local-deployment", "--run-id", "42", "--format", "json"]
+    asked: list[int] = []
+    answer = tmp_path / "ls.json"
+
+    def fake_flwr_ls(run_id: int) -> list[str]:
+        asked.append(run_id)
+        return ["cat", str(answer)]
+
+    monkeypatch.setattr(deployment, "list_run_command", fake_flwr_ls)
+    run = _exited("echo 'Successfully started run 42'; echo '📡 Starting logstream'", tmp_path)
+    assert run.returncode == 0
+
+    answer.write_text(_flwr_ls_json("finished:failed", FAILED_DETAILS))
+    code, message = deployment.run_outcome(run, settle_s=0)
+    assert asked == [42]
+    assert code == 1 and message.startswith("run 42 ended with status finished:failed")
+    answer.write_text(_flwr_ls_json("finished:completed"))
+    assert deployment.run_outcome(run, settle_s=0)[0] == 0
+    answer.write_text(FLWR_LS_ERROR)
+    code, message = deployment.run_outcome(run, settle_s=0)
+    assert (code, message) == (1, "could not read the status of run 42 from the SuperLink: "
+                               "`flwr ls` failed: [code: 16] Run ID not found. (flwr run's exit "
+                               "code 0 says nothing about the run)")
+
+    # flwr run printing to a terminal: the run ID comes from the SuperLink's log.
+    superlink_log = tmp_path / "superlink.log"
+    superlink_log.write_text("INFO :      Created run 11 in federation @none/default\n")
+    deployment.superlink = ManagedProcess("superlink", ["true"], {}, superlink_log)
+    deployment.superlink.process = run.process  # looks started
+    on_terminal = _exited("true", tmp_path, log=False)
+    superlink_log.write_text(superlink_log.read_text() + "INFO :      Created run 12 in federation "
+                             "@none/default\n")
+    # pylint: disable-next=protected-access
+    deployment._superlink_log_since[on_terminal.pid] = len("INFO :      Created run 11 in "
+                                                            "federation @none/default\n")
+    answer.write_text(_flwr_ls_json("finished:stopped", run_id=12))
+    assert deployment.run_outcome(on_terminal, settle_s=0)[0] == 1
+    assert asked[-1] == 12
+
+
+def test_main_exits_1_when_the_run_failed_although_flwr_run_exited_0(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    answer = tmp_path / "ls.json"
+    answer.write_text(_flwr_ls_json("finished:failed", FAILED_DETAILS))
+    run = _exited("echo 'Successfully started run 42'", tmp_path)
+    monkeypatch.setattr(LocalDeployment, "start", lambda self: self.workdir.mkdir())
+    monkeypatch.setattr(LocalDeployment, "start_run",
+                        lambda self, run_config="", log_path=None: self._track(run))
+    monkeypatch.setattr(LocalDeployment, "list_run_command",
+                        lambda self, run_id: ["cat", str(answer)], raising=False)
+    with caplog.at_level(logging.INFO, logger="deploy"):
+        code = local_deploy.main(["--workdir", str(tmp_path / "work"), "--port", "0"])
+    assert code == 1
+    assert "flwr run exited with code 0" in caplog.text
+    assert "run 42 ended with status finished:failed" in caplog.text
+
+
+def test_unknown_run_config_keys_are_named_before_anything_starts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The SuperLink would say only "[code: 15] Invalid run configuration." (measured)."""
+    with pytest.raises(SystemExit) as exited:
+        parse_args(["--run-config", "num-server-round=3 local-epochs=1"])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "--run-config: unknown key 'num-server-round' (did you mean 'num-server-rounds'?)" in err
+    assert "[code: 15] Invalid run configuration." in err
+    assert "Known keys: batch-size, client-sampling," in err and "local-epochs" in err
+    assert parse_args(["--run-config", "num-server-rounds=3 local-epochs=1"]).run_config
+
+    pyproject = tmp_path / "pyproject.toml"
+    pyproject.write_text('[tool.flwr.app.config]\nrounds = 1\n[tool.flwr.app.config.opt]\n'
+                         'lr = 0.1\n')
+    assert local_deploy.check_run_config("rounds=2 opt.lr=0.5", pyproject) == {
+        "rounds": 2, "opt.lr": 0.5}
+    with pytest.raises(ValueError) as refused:
+        local_deploy.check_run_config("round=2 zzz=1", pyproject)
+    assert str(refused.value).startswith(
+        "--run-config: unknown keys 'round' (did you mean 'rounds'?), 'zzz': "
+        f"[tool.flwr.app.config] in {pyproject} does not have them")
+    assert str(refused.value).endswith("Known keys: opt.lr, rounds")
+    with pytest.raises(ValueError, match="not a .toml file"):
+        local_deploy.check_run_config("overrides.toml", pyproject)
+
+    deployment = LocalDeployment(tmp_path / "work", num_supernodes=1, port=45683)
+    with pytest.raises(DeploymentError, match="unknown key 'num-server-round'"):
+        deployment.start_run("num-server-round=3")
+    assert deployment.processes == []
+
+
 # ------------------------------------------------------------- end to end on a real deployment
 def write_digits_csv(path: Path, rows: np.ndarray) -> Path:
     """scikit-learn's digits as a table: 64 pixel columns and ``label``."""
@@ -301,11 +501,20 @@ def test_fewer_nodes_than_min_train_nodes_ends_the_run_with_a_clear_message(
         f"output-dir='{outputs}'",
         log_path=tmp_path / "run.log",
     )
-    finish(run, timeout=180)
+    flwr_code = finish(run, timeout=180)
     log = run.log_text()
     assert "only 2 node(s) connected after waiting 5 s" in log, log[-4000:]
     assert "[round 1/" not in log
     assert time.monotonic() - started < 180
+    # Flower's CLI exits with 0 although the ServerApp failed; the SuperLink knows better,
+    # and the script's exit code follows the run's status.
+    assert flwr_code == 0, log[-4000:]
+    run_id = deployment.run_id_of(run)
+    assert run_id is not None, log[-4000:]
+    code, message = deployment.run_outcome(run)
+    assert code == 1, message
+    assert message.startswith(f"run {run_id} ended with status finished:failed"), message
+    assert "only 2 node(s) connected after waiting 5 s" in message
     # The SuperNodes are unaffected by the failed run.
     assert all(slot.process is not None and slot.process.running()
                for slot in deployment.supernodes)

@@ -94,3 +94,18 @@ def test_bad_partition_requests_are_clear_errors() -> None:
         load_client_data(spec(), 10)
     with pytest.raises(ValueError, match="only 1437 training samples"):
         build_federation(spec(num_partitions=5000))
+
+
+def test_standardising_huge_finite_features_stays_finite() -> None:
+    """float32 sums of 1e20..3e38 overflowed or cancelled: columns came out NaN or all zero."""
+    import numpy as np
+
+    from data.dataset import LabeledData
+    from data.federation import standardize
+
+    x = np.array([[3e38, 1e20, 1.0], [-3e38, -1e20, 2.0], [1e38, 3e20, 3.0]], np.float32)
+    train = LabeledData(x, np.array([0, 1, 0]), 2, "tabular", "t")
+    (out,) = standardize(train)
+    assert np.isfinite(out.x).all() and out.x.dtype == np.float32
+    assert np.allclose(out.x.mean(axis=0), 0.0, atol=1e-6)
+    assert np.allclose(out.x.std(axis=0), 1.0, atol=1e-5)
