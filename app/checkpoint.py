@@ -18,9 +18,14 @@ Writing is atomic: every file goes into a temporary sibling folder
 half of one). The last :data:`KEEP` checkpoints are kept.
 
 Loading never unpickles: arrays through ``np.load(allow_pickle=False)``, state
-through ``json`` (Python's, which writes an infinite epsilon as ``Infinity``
-and 128-bit generator states as exact integers). Every file is checked
-against the manifest (size and SHA-256) before it is parsed.
+through ``json`` (128-bit generator states as exact integers). ``state.json``
+is standard JSON: a non-finite float in the strategy state (the epsilon of a
+run without noise in its privacy history) is written as
+``{"non-finite-float": "inf"}`` (``"-inf"``, ``"nan"``) and read back as the
+float; the ``metrics-entry`` is written as ``metrics.json`` writes it (``"inf"``,
+``null`` for NaN: :func:`app.run_outputs.json_value`). Checkpoints written
+before this used Python's ``Infinity``, which still loads. Every file is
+checked against the manifest (size and SHA-256) before it is parsed.
 
 What happens when the newest checkpoint is damaged (truncated, a byte changed,
 manifest missing): :func:`load_latest_checkpoint` logs an ERROR naming it and
@@ -67,8 +72,11 @@ import numpy as np
 
 from flwr.common.logger import log
 
+from data.tabular_file import DEFAULT_MAX_CLASSES
 from privacy import accounting
 from strategies import sampling
+
+from .run_outputs import INFINITY, json_value, write_json_atomically
 
 FORMAT_VERSION = 1
 CHECKPOINTS_DIR = "checkpoints"
@@ -85,6 +93,11 @@ _ROUND_DIR = re.compile(r"^round-(\d+)$")
 RESUMABLE_CONFIG_CHANGES: frozenset[str] = frozenset(
     {"num-server-rounds", "resume", "round-timeout", "node-wait-timeout", "output-dir"}
 )
+#: Keys added to the run config after checkpoints were first written, with the
+#: value that a checkpoint lacking the key ran with (so such a run still resumes).
+ADDED_CONFIG_KEYS: dict[str, Any] = {"max-classes": DEFAULT_MAX_CLASSES}
+#: The run's history, rewritten after every round (:class:`app.run_outputs.MetricsLog`).
+METRICS_FILE = "metrics.json"
 
 
 class CheckpointError(RuntimeError):
@@ -208,11 +221,34 @@ def read_arrays(path: Path, keys: list[str]) -> dict[str, np.ndarray]:
 
 
 def _write_json(path: Path, content: Any) -> None:
+    """Standard JSON (no ``Infinity``/``NaN``: see :func:`_encode_floats`), fsynced."""
     with open(path, "w", encoding="utf-8") as handle:
-        json.dump(content, handle, indent=2)
+        json.dump(_encode_floats(content), handle, indent=2, allow_nan=False)
         handle.write("\n")
         handle.flush()
         os.fsync(handle.fileno())
+
+
+#: The one key of the object ``state.json`` writes a non-finite float as.
+NON_FINITE_FLOAT = "non-finite-float"
+
+
+def _encode_floats(value: Any) -> Any:
+    """``value`` with every non-finite float as ``{NON_FINITE_FLOAT: "inf"|"-inf"|"nan"}``."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return {NON_FINITE_FLOAT: "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")}
+    if isinstance(value, Mapping):
+        return {key: _encode_floats(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_encode_floats(item) for item in value]
+    return value
+
+
+def _decode_floats(obj: dict[str, Any]) -> Any:
+    """``json.loads`` object hook undoing :func:`_encode_floats`."""
+    if len(obj) == 1 and obj.get(NON_FINITE_FLOAT) in ("inf", "-inf", "nan"):
+        return float(obj[NON_FINITE_FLOAT])
+    return obj
 
 
 # ---------------------------------------------------------------------- save
@@ -364,7 +400,9 @@ def load_checkpoint(path: Path) -> Checkpoint:
         manifest = _read_manifest(path)
         verify_files(path, manifest)
         try:
-            content = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+            content = json.loads(
+                (path / STATE_FILE).read_text(encoding="utf-8"), object_hook=_decode_floats
+            )
         except (UnicodeDecodeError, json.JSONDecodeError) as error:
             raise CheckpointError(f"{STATE_FILE} is not valid JSON: {error}") from error
         server_round = manifest["round"]
@@ -598,14 +636,16 @@ def write_privacy_ledger(run_dir: Path, server_round: int, ledger: Any) -> Path:
     model leaves the server (it is sent out for federated evaluation before
     the round-end listeners run): a run killed in between then still has the
     round's privacy cost on disk, and :func:`resume_run` charges it.
-    """
-    from .run_outputs import write_json_atomically  # pylint: disable=import-outside-toplevel
 
+    An infinite epsilon (``noise-multiplier = 0``) is written as ``"inf"``.
+    """
     path = run_dir / LEDGER_FILE
-    write_json_atomically(
-        path,
-        {"round": server_round, **ledger.state_dict()},
-    )
+    state = dict(ledger.state_dict())
+    if state.get("epsilon") is None and math.isinf(ledger.epsilon):
+        # PrivacyLedger.state_dict writes an infinite epsilon as None; here, as
+        # in metrics.json, it is "inf" (no noise: no privacy), not "unknown".
+        state["epsilon"] = INFINITY
+    write_json_atomically(path, json_value({"round": server_round, **state}))
     return path
 
 
@@ -665,6 +705,7 @@ def check_resume_config(
     CheckpointError
         Naming every key whose value differs, with both values.
     """
+    saved = {**{k: v for k, v in ADDED_CONFIG_KEYS.items() if k in current}, **saved}
     changed = sorted(
         key
         for key in set(saved) | set(current)
@@ -752,7 +793,21 @@ def resume_run(
     CheckpointError
         No usable checkpoint, a changed config, or a state that does not fit.
     """
-    metrics_rounds = [dict(e) for e in metrics_rounds]
+    checkpoint = load_run_checkpoint(run_dir, config, strict=strict)
+    return checkpoint, restore_run(run_dir, strategy, checkpoint, metrics_rounds)
+
+
+def load_run_checkpoint(
+    run_dir: Path, config: Mapping[str, Any], *, strict: bool = False
+) -> Checkpoint:
+    """The newest good checkpoint of ``run_dir``, checked to fit ``config``; reads only.
+
+    Raises
+    ------
+    CheckpointError
+        No usable checkpoint, one not written by :func:`save_run_checkpoint`,
+        or a changed config (:func:`check_resume_config`).
+    """
     checkpoint = load_latest_checkpoint(run_dir, strict=strict)
     saved = checkpoint.state
     if "config" not in saved or "strategy" not in saved:
@@ -760,6 +815,21 @@ def resume_run(
             f"checkpoint {checkpoint.path} was not written by save_run_checkpoint"
         )
     check_resume_config(saved["config"], config)
+    return checkpoint
+
+
+def restore_run(
+    run_dir: Path,
+    strategy: Any,
+    checkpoint: Checkpoint,
+    metrics_rounds: Iterable[Mapping[str, Any]],
+) -> list[dict[str, Any]]:
+    """Restore ``strategy`` from ``checkpoint``; the ``metrics.json`` entries to keep.
+
+    See :func:`resume_run`. Reads ``privacy-ledger.json``; writes nothing.
+    """
+    metrics_rounds = [dict(e) for e in metrics_rounds]
+    saved = checkpoint.state
     lost = rounds_after_checkpoint(metrics_rounds, checkpoint.round)
     journal = read_privacy_ledger(run_dir)
     restore_strategy_state(
@@ -782,12 +852,168 @@ def resume_run(
     entry = saved.get("metrics-entry")
     if entry is not None and all(int(e.get("round", -1)) != checkpoint.round for e in kept):
         kept.append(dict(entry))  # killed after the checkpoint, before metrics.json
-    return checkpoint, kept
+    return kept
+
+
+# ------------------------------------------------- metrics.json on resume
+def read_metrics_rounds(run_dir: Path) -> list[dict[str, Any]]:
+    """The ``rounds`` of ``<run_dir>/metrics.json``, each checked to be an entry with a round.
+
+    Raises
+    ------
+    FileNotFoundError
+        If there is no ``metrics.json``.
+    CheckpointError
+        Naming the file and what is wrong with it (not UTF-8, not valid JSON
+        (e.g. truncated), no ``rounds`` list, an entry without an integer ``round``).
+    """
+    path = run_dir / METRICS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(path)
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{path} is not valid JSON (truncated?): {error}") from error
+    rounds = content.get("rounds") if isinstance(content, dict) else None
+    if not isinstance(rounds, list):
+        raise CheckpointError(f"{path} has no 'rounds' list")
+    for index, entry in enumerate(rounds):
+        number = entry.get("round") if isinstance(entry, dict) else None
+        if isinstance(number, bool) or not isinstance(number, int):
+            raise CheckpointError(
+                f"{path}: rounds[{index}] is not a round's entry (no integer 'round')"
+            )
+    return [dict(entry) for entry in rounds]
+
+
+def checkpoint_metrics_entries(run_dir: Path, up_to: int) -> dict[int, dict[str, Any]]:
+    """The ``metrics-entry`` of each verified checkpoint of a round ``<= up_to``, by round.
+
+    Damaged checkpoints are left out (:func:`load_latest_checkpoint` has
+    already logged them).
+    """
+    entries: dict[int, dict[str, Any]] = {}
+    for server_round, path in list_checkpoints(run_dir):
+        if server_round > up_to:
+            continue
+        try:
+            checkpoint = load_checkpoint(path)
+        except CheckpointError:
+            continue
+        entry = checkpoint.state.get("metrics-entry")
+        if isinstance(entry, dict):
+            entries[checkpoint.round] = dict(entry)
+    return entries
+
+
+def _round_list(rounds: Iterable[int]) -> str:
+    return ", ".join(str(r) for r in sorted(rounds)) or "none"
+
+
+@dataclass(frozen=True)
+class ResumePlan:
+    """What :func:`plan_resume` found: where to continue from and what history to keep.
+
+    Attributes
+    ----------
+    checkpoint : Checkpoint
+        The checkpoint to continue from (round ``checkpoint.round + 1`` next).
+    kept : list of dict
+        The ``metrics.json`` entries the resumed run starts with.
+    damaged_metrics : Path or None
+        ``metrics.json`` when it was unreadable and the history was rebuilt
+        from the checkpoints: move it aside (:func:`set_aside_damaged_metrics`)
+        before the new one is written.
+    """
+
+    checkpoint: Checkpoint
+    kept: list[dict[str, Any]]
+    damaged_metrics: Path | None = None
+
+
+def plan_resume(
+    run_dir: Path, strategy: Any, config: Mapping[str, Any], *, strict: bool = False
+) -> ResumePlan:
+    """Everything a resume checks, from the run folder alone; writes nothing.
+
+    Loads and verifies the newest good checkpoint, checks the run config
+    against it, reads ``metrics.json`` and restores ``strategy`` (in memory).
+
+    When ``metrics.json`` is unreadable (truncated, not JSON, no ``rounds``)
+    or missing, the history is rebuilt from the checkpoints' ``metrics-entry``
+    (each checkpoint holds its own round's; :data:`KEEP` are kept):
+
+    * the checkpoints hold every round ``0..k``: resumed with a WARNING
+      saying so (an unreadable file is then moved aside, see
+      :attr:`ResumePlan.damaged_metrics`);
+    * they do not, and ``metrics.json`` is unreadable: refused, naming the
+      file, the rounds the checkpoints hold and what to do (restore the file,
+      or move it away to continue with a partial history);
+    * they do not, and ``metrics.json`` is missing (moved away on purpose):
+      resumed with a WARNING naming the rounds missing from the history.
+
+    Raises
+    ------
+    CheckpointError
+        Naming the file or checkpoint at fault and what to do.
+    """
+    metrics_path = run_dir / METRICS_FILE
+    try:
+        rounds: list[dict[str, Any]] | None = read_metrics_rounds(run_dir)
+        problem = None
+    except FileNotFoundError:
+        rounds, problem = None, "missing"
+    except CheckpointError as error:
+        rounds, problem = None, str(error)
+    if rounds is None and not list_checkpoints(run_dir):
+        if problem == "missing":
+            raise CheckpointError(
+                f"{run_dir} holds neither {METRICS_FILE} nor {CHECKPOINTS_DIR}/: not the "
+                "folder of an earlier run; name one (<output-dir>/<run id>)"
+            )
+        raise CheckpointError(
+            f"{problem}; and {checkpoints_root(run_dir)} holds no checkpoint to rebuild "
+            "the history from: nothing to resume from"
+        )
+    checkpoint = load_run_checkpoint(run_dir, config, strict=strict)
+    damaged = None
+    if rounds is None:
+        entries = checkpoint_metrics_entries(run_dir, checkpoint.round)
+        missing = sorted(set(range(checkpoint.round + 1)) - set(entries))
+        held = _round_list(entries)
+        if missing and problem != "missing":
+            raise CheckpointError(
+                f"{problem}; the checkpoints in {checkpoints_root(run_dir)} hold the "
+                f"entries of rounds {held} only, not of rounds {_round_list(missing)}, so "
+                "the history cannot be rebuilt. Restore metrics.json from a backup, or, to "
+                f"continue with the history of rounds {held} only, move it away (mv "
+                f"{metrics_path} {metrics_path}.damaged) and resume again"
+            )
+        rounds = [entries[r] for r in sorted(entries)]
+        log(
+            WARNING,
+            "%s; the history of rounds %s is rebuilt from the checkpoints' metrics entries%s",
+            f"{metrics_path} is missing" if problem == "missing" else problem,
+            held,
+            f" (rounds {_round_list(missing)} are lost from it)" if missing else "",
+        )
+        damaged = None if problem == "missing" else metrics_path
+    kept = restore_run(run_dir, strategy, checkpoint, rounds)
+    return ResumePlan(checkpoint=checkpoint, kept=kept, damaged_metrics=damaged)
+
+
+def set_aside_damaged_metrics(path: Path) -> Path:
+    """Rename an unreadable ``metrics.json`` to ``metrics.json.damaged[-N]``; the new name."""
+    target = path.with_name(f"{path.name}.damaged")
+    suffix = 0
+    while target.exists():
+        suffix += 1
+        target = path.with_name(f"{path.name}.damaged-{suffix}")
+    os.replace(path, target)
+    log(WARNING, "The unreadable %s is kept as %s", path, target)
+    return target
 
 
 def _json_safe_entry(entry: Mapping[str, Any]) -> dict[str, Any]:
-    """A metrics entry with NaN as ``None``, as ``metrics.json`` writes it."""
-    return {
-        key: None if isinstance(value, float) and math.isnan(value) else value
-        for key, value in entry.items()
-    }
+    """A metrics entry as ``metrics.json`` writes it (NaN ``None``, infinity ``"inf"``)."""
+    return json_value(dict(entry))

@@ -125,7 +125,8 @@ def local_setup(context: Context) -> LocalSetup:
     partition_id = source.partition_id
     if source.data_path is not None:
         train, val = load_node_data(
-            config.dataset, source.data_path, config.val_fraction, config.seed, partition_id
+            config.dataset, source.data_path, config.val_fraction, config.seed, partition_id,
+            max_classes=config.max_classes,
         )
     else:
         assert source.num_partitions is not None

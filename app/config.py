@@ -14,6 +14,7 @@ from typing import Any
 from data.partition import PARTITIONERS
 from data.public_slice import parse_server_data
 from data.sources import SOURCES, is_known_dataset
+from data.tabular_file import DEFAULT_MAX_CLASSES
 from data.tasks import TASKS
 from clients.faults import FAULT_KINDS
 from strategies.robust import AGGREGATORS
@@ -71,6 +72,12 @@ RULES: dict[str, Rule] = {
         is_known_dataset,
     ),
     "data-path": _ANY_STR,
+    "max-classes": Rule(
+        int,
+        f"an integer >= 1 (the most classes a table file's labels may make; "
+        f"default {DEFAULT_MAX_CLASSES})",
+        lambda v: v >= 1,
+    ),
     "partitioner": _one_of(PARTITIONERS),
     "dirichlet-alpha": _POSITIVE_FLOAT,
     "shards-per-client": _POSITIVE_INT,
@@ -152,6 +159,7 @@ class RunConfig:
     learning_rate: float
     dataset: str
     data_path: str
+    max_classes: int
     partitioner: str
     dirichlet_alpha: float
     shards_per_client: int

@@ -31,6 +31,22 @@ def number(value: Any) -> float | None:
     return value if math.isfinite(value) else None
 
 
+def privacy_number(value: Any) -> float | None:
+    """An epsilon as a float, infinity included, or ``None`` (missing, null, NaN, not a number).
+
+    A run without noise spends an infinite epsilon; ``metrics.json`` writes it
+    as the string ``"inf"`` (:func:`app.run_outputs.json_value`), a live
+    entry holds ``float("inf")``. Both come back as ``math.inf``, which
+    formats as ``inf``.
+    """
+    if isinstance(value, str) and value.strip().lower() in ("inf", "+inf", "infinity"):
+        return math.inf
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    value = float(value)
+    return None if math.isnan(value) else value
+
+
 def format_duration(seconds: float | None) -> str:
     """``4.6 s``, ``1m 05s``, ``2h 03m``; ``-`` when unknown."""
     if seconds is None or not math.isfinite(seconds) or seconds < 0:
@@ -128,7 +144,10 @@ def format_round_line(
         return f"[round 0/{num_rounds}] initial model | {central}"
     parts = [f"[round {server_round}/{num_rounds}] train-loss {_fmt(entry.get('train-loss'))}"]
     if number(entry.get("not-private")):
-        parts.append("NOT PRIVATE (insecure-dp-seed)")
+        # An infinite epsilon means no noise at all (noise-multiplier 0); a
+        # finite one, noise that insecure-dp-seed makes replayable.
+        noiseless = privacy_number(entry.get("epsilon")) == math.inf
+        parts.append(f"NOT PRIVATE ({'no noise' if noiseless else 'insecure-dp-seed'})")
     parts.append(central)
     parts.append(f"federated accuracy {_fmt(entry.get('federated-accuracy'))}")
     personalised = number(entry.get("personalized-accuracy"))
@@ -138,9 +157,9 @@ def format_round_line(
         parts.append(f"{entry.get('num-accepted', 0)}/{entry.get('num-sampled', 0)} replies")
     if (clients := entry.get("clients")) and isinstance(clients, list):
         parts.append(format_clients(clients))
-    if (epsilon := number(entry.get("epsilon"))) is not None:
+    if (epsilon := privacy_number(entry.get("epsilon"))) is not None:
         parts.append(f"epsilon {epsilon:.3f}")
-    if (sample_epsilon := number(entry.get("sample-epsilon-max"))) is not None:
+    if (sample_epsilon := privacy_number(entry.get("sample-epsilon-max"))) is not None:
         parts.append(f"sample epsilon <= {sample_epsilon:.3f}")
     parts.append(format_duration(number(entry.get("elapsed-s"))))
     remaining = estimate_remaining_s(server_round, num_rounds, elapsed_total, round_times)
@@ -193,15 +212,16 @@ def run_summary(metrics: Mapping[str, Any]) -> dict[str, Any]:
         ``best-accuracy``, ``best-round``, ``final-accuracy``, ``final-loss``,
         ``final-federated-accuracy``, ``final-personalized-accuracy``, ``final-round``, ``total-s``,
         ``epsilon``, ``epsilon-pld``, ``delta``, ``sample-epsilon-max``,
-        ``sample-delta`` (``None`` where unknown).
+        ``sample-delta`` (``None`` where unknown; an epsilon may be ``math.inf``:
+        a run without noise).
     """
     config = metrics.get("config", {}) or {}
     rounds = list(metrics.get("rounds", []))
     trained = training_rounds(metrics)
     final = rounds[-1] if rounds else {}
     best = best_round(metrics)
-    dp = [e for e in trained if number(e.get("epsilon")) is not None]
-    sample_dp = [e for e in trained if number(e.get("sample-epsilon-max")) is not None]
+    dp = [e for e in trained if privacy_number(e.get("epsilon")) is not None]
+    sample_dp = [e for e in trained if privacy_number(e.get("sample-epsilon-max")) is not None]
     times = [number(e.get("elapsed-s")) for e in trained]
     known_times = [t for t in times if t is not None]
     return {
@@ -217,10 +237,12 @@ def run_summary(metrics: Mapping[str, Any]) -> dict[str, Any]:
         "final-personalized-accuracy": number(final.get("personalized-accuracy")),
         "final-round": int(final.get("round", 0)) if final else None,
         "total-s": sum(known_times) if known_times else None,
-        "epsilon": number(dp[-1].get("epsilon")) if dp else None,
-        "epsilon-pld": number(dp[-1].get("epsilon-pld")) if dp else None,
+        "epsilon": privacy_number(dp[-1].get("epsilon")) if dp else None,
+        "epsilon-pld": privacy_number(dp[-1].get("epsilon-pld")) if dp else None,
         "delta": number(dp[-1].get("delta")) if dp else None,
-        "sample-epsilon-max": number(sample_dp[-1].get("sample-epsilon-max")) if sample_dp else None,
+        "sample-epsilon-max": (
+            privacy_number(sample_dp[-1].get("sample-epsilon-max")) if sample_dp else None
+        ),
         "sample-delta": number(config.get("target-sample-delta")) if sample_dp else None,
     }
 
@@ -255,10 +277,16 @@ def format_summary(metrics: Mapping[str, Any], run_dir: Path, total_s: float | N
     if (metrics.get("privacy") or {}).get("private") is False or any(
         number(e.get("not-private")) for e in metrics.get("rounds", [])
     ):
-        lines.append(
-            "  NOT PRIVATE: the DP noise came from insecure-dp-seed and can be replayed; "
-            "the epsilon below does not hold"
-        )
+        config = metrics.get("config") or {}
+        if number(config.get("noise-multiplier")) == 0 and not number(
+            config.get("local-dp-epsilon")
+        ):
+            lines.append("  NOT PRIVATE: noise-multiplier = 0 adds no noise (epsilon inf)")
+        else:
+            lines.append(
+                "  NOT PRIVATE: the DP noise came from insecure-dp-seed and can be replayed; "
+                "the epsilon below does not hold"
+            )
     if s["best-accuracy"] is not None:
         lines.append(f"  best central accuracy  {s['best-accuracy']:.4f} (round {s['best-round']})")
     if s["final-round"] is not None:
@@ -276,7 +304,8 @@ def format_summary(metrics: Mapping[str, Any], run_dir: Path, total_s: float | N
     if s["epsilon"] is not None:
         pld = f" (PLD {s['epsilon-pld']:.4g})" if s["epsilon-pld"] is not None else ""
         delta = f" at delta {s['delta']:.3g}" if s["delta"] is not None else ""
-        lines.append(f"  final epsilon {s['epsilon']:.4g}{pld}{delta} (user-level)")
+        none = ": no privacy guarantee" if math.isinf(s["epsilon"]) else ""
+        lines.append(f"  final epsilon {s['epsilon']:.4g}{pld}{delta} (user-level){none}")
     if s["sample-epsilon-max"] is not None:
         delta = f" at delta {s['sample-delta']:.3g}" if s["sample-delta"] is not None else ""
         lines.append(

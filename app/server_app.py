@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
+from dataclasses import dataclass
 from logging import ERROR, INFO, WARNING
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -18,7 +18,9 @@ from clients.private_layers import private_variable_paths, split_weights
 from clients.server_training import ServerTrainer, make_server_update_fn
 from clients.training import evaluate, get_model
 from clients.weights import get_weights, set_weights
+from data.dataset import LabeledData
 from data.federation import (
+    Federation,
     build_federation,
     load_server_data,
     load_server_split,
@@ -30,7 +32,7 @@ from privacy.sample_accounting import affordable_rounds, sample_epsilon
 from strategies import protocol
 from strategies.dp_fedavg import DPFedAvg
 from strategies.fedavg import FedAvg, RoundReport, to_arrayrecord, to_numpy
-from strategies.sampling import wait_for_nodes
+from strategies.sampling import NotEnoughNodes, wait_for_nodes
 from strategies.robust import CoordinateMedian, Krum, NormBound, TrimmedMean
 from strategies.stages import AggregationStage
 from strategies.server_optimizers import (
@@ -40,17 +42,24 @@ from strategies.server_optimizers import (
 )
 
 from .checkpoint import (
-    Checkpoint,
     CheckpointError,
-    resume_run,
+    ResumePlan,
+    plan_resume,
     save_run_checkpoint,
+    set_aside_damaged_metrics,
     write_privacy_ledger,
 )
 from .config import ConfigError, RunConfig, parse_run_config
 from .data_report import log_client_summary, plot_label_distribution
 from .plots import plot_run
 from .progress import format_round_line, format_summary
-from .run_outputs import MetricsLog, create_run_dir, resolve_output_dir
+from .run_outputs import (
+    MetricsLog,
+    OutputDirError,
+    check_output_dir,
+    create_run_dir,
+    resolve_output_dir,
+)
 from .tensorboard_log import TensorBoardLog
 from .task import federation_spec, model_spec
 
@@ -68,9 +77,16 @@ class CentralEvaluator:
     """
 
     def __init__(self, config: RunConfig) -> None:
-        _, self.test = load_server_split(
-            config.dataset, config.data_path, config.test_fraction, config.seed
-        )
+        try:
+            _, self.test = load_server_split(
+                config.dataset, config.data_path, config.test_fraction, config.seed,
+                config.max_classes,
+            )
+        except (ValueError, OSError) as error:  # TableFileError is a ValueError
+            raise ConfigError(
+                f"run config 'dataset' = {config.dataset!r}, 'data-path' = "
+                f"{config.data_path!r}: the server cannot load its test set: {error}"
+            ) from error
         self.model = get_model(model_spec(config, self.test))
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
@@ -209,7 +225,8 @@ def log_dp_sgd_meaning(config: RunConfig) -> None:
         )
 
 
-#: Per-round flag in metrics.json of a DP run whose noise a seed replays (insecure-dp-seed).
+#: Per-round flag in metrics.json of a DP run without a guarantee: its noise a seed
+#: replays (insecure-dp-seed), or it adds none (noise-multiplier 0, epsilon "inf").
 NOT_PRIVATE_KEY = "not-private"
 
 
@@ -267,37 +284,152 @@ def round_entry(report: RoundReport, strategy: FedAvg | None = None) -> dict[str
     return entry
 
 
+@dataclass
+class PreparedRun:
+    """A run that passed every check; nothing of it is written yet."""
+
+    config: RunConfig
+    strategy: FedAvg
+    evaluator: CentralEvaluator
+    private_paths: frozenset[str]
+    #: ``<output-dir>`` (a new run's folder is created in it) or, resuming, the run's folder.
+    output_dir: Path
+    #: The restored checkpoint and history (``resume``), else None.
+    resume: ResumePlan | None
+    federation: Federation
+    server_data: LabeledData | None
+
+
+def checked_output_dir(config: RunConfig) -> Path:
+    """``output-dir`` resolved, or a ConfigError if it cannot hold run folders (reads only)."""
+    path = resolve_output_dir(config.output_dir)
+    try:
+        check_output_dir(path)
+    except OutputDirError as error:
+        raise ConfigError(
+            f"run config 'output-dir' = {config.output_dir!r}: {error}; name a folder "
+            "(it is created if missing)"
+        ) from error
+    return path
+
+
+def checked_resume_dir(config: RunConfig) -> Path:
+    """The folder ``resume`` names, or a ConfigError if it is none (reads only)."""
+    run_dir = resolve_output_dir(config.resume)
+    if not run_dir.exists():
+        raise ConfigError(
+            f"run config 'resume' = {config.resume!r}: {run_dir} does not exist; name the "
+            "folder of an earlier run (<output-dir>/<run id>)"
+        )
+    if not run_dir.is_dir():
+        raise ConfigError(
+            f"run config 'resume' = {config.resume!r}: {run_dir} is a file, not a run "
+            "folder; name the folder of an earlier run (<output-dir>/<run id>)"
+        )
+    return run_dir
+
+
+def resume_checkpoint(run_dir: Path, strategy: FedAvg, config: RunConfig) -> ResumePlan:
+    """The checkpoint and history to continue from (strategy restored), or a ConfigError.
+
+    Reads the run folder only: a refused resume changes nothing in it.
+    """
+    try:
+        return plan_resume(run_dir, strategy, config.as_dict())
+    except CheckpointError as error:
+        raise ConfigError(f"run config 'resume' = {config.resume!r}: {error}") from error
+
+
+def checked_federation(grid: Grid, config: RunConfig) -> Federation:
+    """The clients' partition over the connected nodes, or a ConfigError (before round 1).
+
+    The server rebuilds the partition from the same spec as the clients, with
+    one partition per connected node (as Flower's simulation assigns them).
+    A partition that cannot be built (more clients than samples, a natural
+    split whose institutions do not match the nodes) is refused here.
+    """
+    nodes = wait_for_nodes(grid, config.min_train_nodes, config.node_wait_timeout)
+    try:
+        return build_federation(federation_spec(config, len(nodes)))
+    except ValueError as error:
+        raise ConfigError(
+            f"run config 'dataset' = {config.dataset!r}, 'partitioner' = "
+            f"{config.partitioner!r}: the data cannot be split over the {len(nodes)} "
+            f"connected nodes: {error}"
+        ) from error
+
+
+def checked_server_data(config: RunConfig) -> LabeledData | None:
+    """The server's public slice (``server-data``), or a ConfigError."""
+    try:
+        return load_server_data(federation_spec(config, 1))
+    except ValueError as error:
+        raise ConfigError(f"run config 'server-data' = {config.server_data!r}: {error}") from error
+
+
+def prepare_run(grid: Grid, context: Context) -> PreparedRun:
+    """Every check that can refuse the run, before anything is written.
+
+    Config, output folder, data, private layers, the resume (checkpoint,
+    run config against it, ``metrics.json``), the connected nodes and the
+    partition. A refused run leaves no file behind and changes none: a new
+    run's folder does not exist yet, and a resumed run's folder is only read.
+    The refusal is logged at ERROR (naming the key, and the file at fault)
+    before it is raised, so the run's log says why Flower marks it failed.
+
+    Raises
+    ------
+    ConfigError
+        Naming the run-config key (and file) at fault.
+    NotEnoughNodes
+        If too few nodes connect within node-wait-timeout.
+    """
+    try:
+        config = parse_run_config(context.run_config)
+        strategy = build_strategy(config)
+        output_dir = checked_resume_dir(config) if config.resume else checked_output_dir(config)
+        evaluator = CentralEvaluator(config)
+        private_paths = check_private_layers(config, evaluator.model)
+        check_simulation_only(config, grid)
+        resume = resume_checkpoint(output_dir, strategy, config) if config.resume else None
+        federation = checked_federation(grid, config)
+        server_data = checked_server_data(config)
+    except (ConfigError, NotEnoughNodes) as error:
+        log(ERROR, "Run %s refused (nothing written): %s", context.run_id, error)
+        raise
+    return PreparedRun(
+        config, strategy, evaluator, private_paths, output_dir, resume, federation, server_data
+    )
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run federated training as the run config says."""
     # dp-accounting's absl warnings give the root logger a handler; without
     # this every Flower log line would be printed twice.
     logging.getLogger("flwr").propagate = False
-    try:
-        config = parse_run_config(context.run_config)
-        strategy = build_strategy(config)
-        evaluator = CentralEvaluator(config)
-        private_paths = check_private_layers(config, evaluator.model)
-        check_simulation_only(config, grid)
-    except ConfigError as error:
-        log(ERROR, "Invalid run config: %s", error)
-        raise
+    prepared = prepare_run(grid, context)
+    config, strategy, evaluator = prepared.config, prepared.strategy, prepared.evaluator
+    private_paths, resume = prepared.private_paths, prepared.resume
     if config.dp_sgd:
         log_dp_sgd_meaning(config)
-    if config.resume:
-        run_dir = resolve_output_dir(config.resume)
+    # Every check passed: only now is anything written.
+    if resume is not None:
+        run_dir = prepared.output_dir
         log(INFO, "Run %s continues the run in %s", context.run_id, run_dir)
+        if resume.damaged_metrics is not None:
+            set_aside_damaged_metrics(resume.damaged_metrics)
     else:
-        run_dir = create_run_dir(resolve_output_dir(config.output_dir), context.run_id)
+        run_dir = create_run_dir(prepared.output_dir, context.run_id)
         log(INFO, "Run %s: outputs in %s", context.run_id, run_dir)
 
-    report_federation(grid, config, run_dir)
+    report_federation(prepared.federation, config, run_dir)
     # The server holds, and sends, only the shared variables.
     shared, _ = split_weights(get_weights(evaluator.model), private_paths)
     start_round, kept = 1, []
-    if config.resume:
-        checkpoint, kept = resume_checkpoint(run_dir, strategy, config)
-        shared, start_round = checkpoint.arrays, checkpoint.round + 1
+    if resume is not None:
+        kept = resume.kept
+        shared, start_round = resume.checkpoint.arrays, resume.checkpoint.round + 1
     central = evaluator
     if private_paths & head_paths(evaluator.model):
         central = None
@@ -314,7 +446,7 @@ def main(grid: Grid, context: Context) -> None:
             len(private_paths),
         )
 
-    server_data = load_server_data(federation_spec(config, 1))
+    server_data = prepared.server_data
     strategy.server_update_fn = make_server_update_fn(
         evaluator.model,
         server_data,
@@ -404,23 +536,6 @@ def main(grid: Grid, context: Context) -> None:
         log(INFO, "%s", line)
 
 
-def resume_checkpoint(
-    run_dir: Path, strategy: FedAvg, config: RunConfig
-) -> tuple[Checkpoint, list[dict]]:
-    """The checkpoint to continue from and the metrics entries to keep, or a ConfigError."""
-    metrics_path = run_dir / "metrics.json"
-    if not metrics_path.is_file():
-        raise ConfigError(
-            f"run config 'resume' = {config.resume!r}: {metrics_path} does not exist; "
-            "name the folder of an earlier run"
-        )
-    rounds = json.loads(metrics_path.read_text(encoding="utf-8"))["rounds"]
-    try:
-        return resume_run(run_dir, strategy, config.as_dict(), rounds)
-    except CheckpointError as error:
-        raise ConfigError(f"run config 'resume' = {config.resume!r}: {error}") from error
-
-
 def head_paths(model: keras.Model) -> frozenset[str]:
     """Variable paths of the classifier head."""
     return private_variable_paths(model, "head")
@@ -446,16 +561,12 @@ def check_private_layers(config: RunConfig, model: keras.Model) -> frozenset[str
     return private
 
 
-def report_federation(grid: Grid, config: RunConfig, run_dir: Path) -> None:
-    """Log what each client holds and plot it, before round 1.
+def report_federation(federation: Federation, config: RunConfig, run_dir: Path) -> None:
+    """Log what each client holds and plot it into ``run_dir``, before round 1.
 
-    The server rebuilds the partition from the same spec as the clients, with
-    one partition per connected node (as Flower's simulation assigns them).
-    A partition that cannot be built (more clients than samples, a natural
-    split whose institutions do not match the nodes) fails here, before round 1.
+    ``federation`` comes from :func:`checked_federation` (built before the
+    run folder is written to).
     """
-    nodes = wait_for_nodes(grid, config.min_train_nodes, config.node_wait_timeout)
-    federation = build_federation(federation_spec(config, len(nodes)))
     log_client_summary(federation)
     plot = plot_label_distribution(federation, run_dir / "label-distribution.png")
     log(INFO, "Label distribution per client: %s", plot)

@@ -22,6 +22,7 @@ def federation_spec(config: RunConfig, num_partitions: int) -> FederationSpec:
         shards_per_client=config.shards_per_client,
         val_fraction=config.val_fraction,
         server_data=config.server_data,
+        max_classes=config.max_classes,
     )
 
 
