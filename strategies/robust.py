@@ -16,17 +16,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from logging import INFO
 from typing import Any
 
 import numpy as np
-from flwr.common.logger import log
 
 from privacy.adaptive_clipping import QuantileClipEstimator
 from privacy.clipping import clip_factor
 
 from .aggregation import scaled_update_sum, update_norms
-from .stages import Aggregate
+from .stages import Aggregate, StageDefaults
 from .validation import TrainReply
 
 #: Names of the ``aggregator`` run-config key.
@@ -48,44 +46,7 @@ def _stack(replies: Sequence[TrainReply], key: str) -> np.ndarray:
     return np.stack([np.asarray(r.arrays[key], dtype=np.float64) for r in replies])
 
 
-class _Stateless:
-    """Hooks every robust stage shares: no stop, the loop's sampling, no extra config."""
-
-    per_client_report = True
-
-    def on_start(self, node_ids: Sequence[int], first_round: int, num_rounds: int) -> None:
-        """Nothing to project."""
-
-    def stop_reason(self, server_round: int, node_ids: Sequence[int]) -> str | None:
-        """Never stops a round."""
-        return None
-
-    def sample(
-        self, server_round: int, node_ids: Sequence[int], rng: np.random.Generator
-    ) -> list[int] | None:
-        """The loop's own sampling."""
-        return None
-
-    def client_config(self, server_round: int) -> dict[str, Any]:
-        """No extra keys."""
-        return {}
-
-    def account_released_rounds(self, rounds: int, journal: Sequence[Mapping[str, Any]]) -> None:
-        """No privacy is spent."""
-
-    def state_dict(self) -> dict[str, Any]:
-        """No state."""
-        return {}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """No state."""
-
-    def summary(self) -> None:
-        """Log the stage."""
-        log(INFO, "Aggregator: %r", self)
-
-
-class CoordinateMedian(_Stateless):
+class CoordinateMedian(StageDefaults):
     """Coordinate-wise median of the replies' models.
 
     Yin, Chen, Ramchandran, Bartlett (2018), "Byzantine-Robust Distributed
@@ -109,7 +70,7 @@ class CoordinateMedian(_Stateless):
         return "CoordinateMedian()"
 
 
-class TrimmedMean(_Stateless):
+class TrimmedMean(StageDefaults):
     """Coordinate-wise mean after dropping the ``beta n`` largest and smallest values.
 
     Yin et al. (2018), https://arxiv.org/abs/1803.01498 (the trimmed-mean
@@ -174,7 +135,7 @@ def pairwise_sq_distances(
     return np.maximum(diagonal[:, None] + diagonal[None, :] - 2.0 * gram, 0.0)
 
 
-class Krum(_Stateless):
+class Krum(StageDefaults):
     """Krum and Multi-Krum: keep the update(s) closest to their neighbours.
 
     Blanchard, El Mhamdi, Guerraoui, Stainer (2017), "Machine Learning with
@@ -231,7 +192,7 @@ class Krum(_Stateless):
         return f"Krum(byzantine_clients={self.byzantine_clients}, keep={self.keep})"
 
 
-class NormBound(_Stateless):
+class NormBound(StageDefaults):
     """Clip every update to a norm, then FedAvg's example-weighted mean; no noise.
 
     Sun, Kairouz, Suresh, McMahan (2019), "Can You Really Backdoor Federated

@@ -18,10 +18,12 @@ survives restarts through ``state_dict()`` / ``load_state_dict()``.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from logging import INFO
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
+from flwr.common.logger import log
 
 from .aggregation import finite_weighted_mean
 from .validation import TrainReply
@@ -97,20 +99,17 @@ class AggregationStage(Protocol):
         """Restore :meth:`state_dict` into a freshly built stage."""
 
 
-class WeightedMean:
-    """FedAvg's aggregate: the mean of the replies' models weighted by num-examples.
+class StageDefaults:
+    """The hooks of a stage that only aggregates: no stop, the loop's sampling, no state.
 
-    McMahan et al. (2017), "Communication-Efficient Learning of Deep Networks
-    from Decentralized Data", https://arxiv.org/abs/1602.05629, Algorithm 1.
-    One pass over the replies' bytes both averages and screens for NaN/Inf
-    (:func:`~strategies.aggregation.finite_weighted_mean`); a reply holding
-    either is left out. No state.
+    A stage inherits these and overrides what it needs (its ``aggregate``).
     """
 
     per_client_report = True
 
     def summary(self) -> None:
-        """Nothing beyond FedAvg's own summary."""
+        """Log the stage."""
+        log(INFO, "Aggregator: %r", self)
 
     def on_start(self, node_ids: Sequence[int], first_round: int, num_rounds: int) -> None:
         """Nothing to project."""
@@ -128,6 +127,30 @@ class WeightedMean:
     def client_config(self, server_round: int) -> dict[str, Any]:
         """No extra keys."""
         return {}
+
+    def account_released_rounds(self, rounds: int, journal: Sequence[Mapping[str, Any]]) -> None:
+        """No privacy is spent."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """No state."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """No state."""
+
+
+class WeightedMean(StageDefaults):
+    """FedAvg's aggregate: the mean of the replies' models weighted by num-examples.
+
+    McMahan et al. (2017), "Communication-Efficient Learning of Deep Networks
+    from Decentralized Data", https://arxiv.org/abs/1602.05629, Algorithm 1.
+    One pass over the replies' bytes both averages and screens for NaN/Inf
+    (:func:`~strategies.aggregation.finite_weighted_mean`); a reply holding
+    either is left out. No state.
+    """
+
+    def summary(self) -> None:
+        """Nothing beyond FedAvg's own summary."""
 
     def aggregate(
         self,
@@ -147,16 +170,6 @@ class WeightedMean:
             [reply for index, reply in enumerate(replies) if index not in dropped],
             {replies[index].node_id: "arrays hold NaN or Inf" for index in rejected},
         )
-
-    def account_released_rounds(self, rounds: int, journal: Sequence[Mapping[str, Any]]) -> None:
-        """No privacy is spent."""
-
-    def state_dict(self) -> dict[str, Any]:
-        """No state."""
-        return {}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """No state."""
 
     def __repr__(self) -> str:
         return "WeightedMean()"
