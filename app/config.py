@@ -142,6 +142,7 @@ RULES: dict[str, Rule] = {
         lambda v: 0 <= v < 1,
     ),
     "faulty-kind": _one_of(FAULT_KINDS),
+    "tracking": _one_of(("none", "mlflow")),
 }
 
 
@@ -203,6 +204,7 @@ class RunConfig:
     client_report: bool
     faulty_fraction: float
     faulty_kind: str
+    tracking: str
 
     def as_dict(self) -> dict[str, Any]:
         """The config with its kebab-case keys, as written to ``metrics.json``."""

@@ -51,6 +51,7 @@ from .checkpoint import (
 )
 from .config import ConfigError, RunConfig, parse_run_config
 from .data_report import log_client_summary, plot_label_distribution
+from .mlflow_log import MlflowLog, TrackingError, check_tracking
 from .plots import plot_run
 from .progress import format_round_line, format_summary
 from .run_outputs import (
@@ -367,6 +368,14 @@ def checked_server_data(config: RunConfig) -> LabeledData | None:
         raise ConfigError(f"run config 'server-data' = {config.server_data!r}: {error}") from error
 
 
+def checked_tracking() -> None:
+    """MLflow installed and ``MLFLOW_TRACKING_URI`` answering, or a ConfigError."""
+    try:
+        check_tracking()
+    except TrackingError as error:
+        raise ConfigError(f"run config 'tracking' = 'mlflow': {error}") from error
+
+
 def prepare_run(grid: Grid, context: Context) -> PreparedRun:
     """Every check that can refuse the run, before anything is written.
 
@@ -394,6 +403,8 @@ def prepare_run(grid: Grid, context: Context) -> PreparedRun:
         resume = resume_checkpoint(output_dir, strategy, config) if config.resume else None
         federation = checked_federation(grid, config)
         server_data = checked_server_data(config)
+        if config.tracking == "mlflow":
+            checked_tracking()
     except (ConfigError, NotEnoughNodes) as error:
         log(ERROR, "Run %s refused (nothing written): %s", context.run_id, error)
         raise
@@ -467,6 +478,7 @@ def main(grid: Grid, context: Context) -> None:
     metrics_log = MetricsLog(run_dir / "metrics.json", config.as_dict(), kept)
     metrics_log.content["privacy"] = privacy_statement(config, strategy)
     tensorboard = TensorBoardLog.rebuild(run_dir, kept) if kept else TensorBoardLog(run_dir)
+    tracker = MlflowLog(run_dir, config.as_dict(), kept) if config.tracking == "mlflow" else None
     round_times = [float(e["elapsed-s"]) for e in kept if e.get("elapsed-s") is not None]
     if isinstance(strategy, DPFedAvg):
         strategy.on_privacy_spent = lambda server_round, ledger: write_privacy_ledger(
@@ -487,6 +499,8 @@ def main(grid: Grid, context: Context) -> None:
         )
         metrics_log.append(entry)
         tensorboard.log_round(entry)
+        if tracker is not None:
+            tracker.log_round(entry)
         if report.server_round > 0:
             round_times.append(report.elapsed_s)
         log(INFO, "%s", format_round_line(
@@ -494,46 +508,60 @@ def main(grid: Grid, context: Context) -> None:
         ))
 
     t_start = time.monotonic()
-    result = strategy.start(
-        grid=grid,
-        initial_arrays=to_arrayrecord(shared),
-        num_rounds=config.num_server_rounds,
-        timeout=config.round_timeout,
-        train_config=ConfigRecord(
-            {
-                protocol.LOCAL_EPOCHS: config.local_epochs,
-                protocol.BATCH_SIZE: config.batch_size,
-                protocol.LEARNING_RATE: config.learning_rate,
-                # Names the run across resumes: clients key their ledgers by it.
-                protocol.RUN_KEY: run_dir.name,
-                # A node without a ledger of those rounds counts them as spent.
-                protocol.ROUNDS_BEFORE_RESUME: start_round - 1,
-            }
-        ),
-        evaluate_config=ConfigRecord({protocol.BATCH_SIZE: config.batch_size}),
-        evaluate_fn=central,
-        on_round_end=[on_round_end],
-        start_round=start_round,
-    )
-    tensorboard.close()
-    if strategy.stop_reason is not None:
-        log(WARNING, "Run ended early: %s", strategy.stop_reason)
-    if isinstance(strategy, DPFedAvg) and strategy.ledger.rounds:
-        log(
-            INFO,
-            "Privacy spent: epsilon %.4g at delta %.3g after %d rounds "
-            "(user-level, RDP accountant, %s sampling)",
-            strategy.ledger.epsilon,
-            strategy.ledger.target_delta,
-            strategy.ledger.rounds,
-            strategy.client_sampling,
+    try:
+        result = strategy.start(
+            grid=grid,
+            initial_arrays=to_arrayrecord(shared),
+            num_rounds=config.num_server_rounds,
+            timeout=config.round_timeout,
+            train_config=ConfigRecord(
+                {
+                    protocol.LOCAL_EPOCHS: config.local_epochs,
+                    protocol.BATCH_SIZE: config.batch_size,
+                    protocol.LEARNING_RATE: config.learning_rate,
+                    # Names the run across resumes: clients key their ledgers by it.
+                    protocol.RUN_KEY: run_dir.name,
+                    # A node without a ledger of those rounds counts them as spent.
+                    protocol.ROUNDS_BEFORE_RESUME: start_round - 1,
+                }
+            ),
+            evaluate_config=ConfigRecord({protocol.BATCH_SIZE: config.batch_size}),
+            evaluate_fn=central,
+            on_round_end=[on_round_end],
+            start_round=start_round,
         )
-    plot_run(metrics_log.content, run_dir / "plots")
-    save_model(evaluator, result.arrays, run_dir / "model.keras")
-    for line in format_summary(
-        metrics_log.content, run_dir, time.monotonic() - t_start
-    ).splitlines():
-        log(INFO, "%s", line)
+        if strategy.stop_reason is not None:
+            log(WARNING, "Run ended early: %s", strategy.stop_reason)
+        if isinstance(strategy, DPFedAvg) and strategy.ledger.rounds:
+            log(
+                INFO,
+                "Privacy spent: epsilon %.4g at delta %.3g after %d rounds "
+                "(user-level, RDP accountant, %s sampling)",
+                strategy.ledger.epsilon,
+                strategy.ledger.target_delta,
+                strategy.ledger.rounds,
+                strategy.client_sampling,
+            )
+        plot_run(metrics_log.content, run_dir / "plots")
+        save_model(evaluator, result.arrays, run_dir / "model.keras")
+        for line in format_summary(
+            metrics_log.content, run_dir, time.monotonic() - t_start
+        ).splitlines():
+            log(INFO, "%s", line)
+        if tracker is not None:
+            if strategy.stop_reason is not None:
+                tracker.set_tags({"fedprivacy.stop-reason": strategy.stop_reason})
+            tracker.log_artifacts([
+                run_dir / "plots", run_dir / "label-distribution.png",
+                run_dir / "model.keras", run_dir / "metrics.json",
+            ])
+            tracker.close("FINISHED")
+    except BaseException as error:
+        if tracker is not None:
+            tracker.close("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
+        raise
+    finally:
+        tensorboard.close()
 
 
 def head_paths(model: keras.Model) -> frozenset[str]:

@@ -403,7 +403,7 @@ def test_unknown_run_config_keys_are_named_before_anything_starts(
     err = capsys.readouterr().err
     assert "--run-config: unknown key 'num-server-round' (did you mean 'num-server-rounds'?)" in err
     assert "[code: 15] Invalid run configuration." in err
-    assert "Known keys: batch-size, client-sampling," in err and "local-epochs" in err
+    assert "Known keys: " in err and "batch-size, " in err and "local-epochs" in err
     assert parse_args(["--run-config", "num-server-rounds=3 local-epochs=1"]).run_config
 
     pyproject = tmp_path / "pyproject.toml"

@@ -1,4 +1,7 @@
-"""Progress lines, plots, TensorBoard events and the report command, on synthetic runs."""
+"""Progress lines, plots and the report command, on synthetic runs.
+
+TensorBoard events and MLflow tracking: tests/test_tracking.py.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +15,6 @@ import pytest
 from app.plots import ACCURACY_SERIES, distinct_series, plot_run
 from app.progress import estimate_remaining_s, format_duration, format_round_line, format_summary
 from app.report import main
-from app.tensorboard_log import TensorBoardLog, read_scalars
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -117,33 +119,6 @@ def test_plots_without_dp_skip_the_privacy_plots_and_tolerate_gaps(tmp_path: Pat
     labels = [label for label, _ in distinct_series(metrics["rounds"], ACCURACY_SERIES)]
     assert [label.split()[0] for label in labels] == ["central", "federated"]
     assert plot_run({"config": {}, "rounds": []}, tmp_path / "empty") == []
-
-
-# --------------------------------------------------------------- tensorboard
-def test_tensorboard_events_hold_every_scalar_under_grouped_tags(tmp_path: Path) -> None:
-    metrics = _metrics(2, dp=True)
-    with TensorBoardLog(tmp_path) as tb:
-        for entry in metrics["rounds"]:
-            tb.log_round(entry)
-    assert tb.path is not None and tb.path.parent == tmp_path / "tensorboard"
-    assert "tfevents" in tb.path.name
-    scalars = read_scalars(tb.path)
-    assert (0, "accuracy/central", pytest.approx(0.1)) in scalars
-    assert (2, "privacy/epsilon", 3.0) in scalars
-    assert (2, "clipping/norm", pytest.approx(1.2)) in scalars
-    assert (1, "loss/train", 2.0) in scalars
-    assert not any(tag == "clipping/clipped-fraction-noised" for _, tag, _ in scalars)  # null
-
-    rebuilt = TensorBoardLog.rebuild(tmp_path, metrics["rounds"][:2])
-    rebuilt.close()
-    files = list((tmp_path / "tensorboard").iterdir())
-    assert files == [rebuilt.path]
-    assert max(step for step, _, _ in read_scalars(rebuilt.path)) == 1
-
-    data = tb.path.read_bytes() if tb.path.exists() else rebuilt.path.read_bytes()
-    rebuilt.path.write_bytes(data[:-3])
-    with pytest.raises(ValueError, match="corrupt or truncated|CRC"):
-        read_scalars(rebuilt.path)
 
 
 # -------------------------------------------------------------------- report
