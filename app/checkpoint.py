@@ -64,7 +64,7 @@ import time
 import zipfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from logging import ERROR, INFO, WARNING
+from logging import DEBUG, ERROR, INFO, WARNING
 from pathlib import Path
 from typing import Any
 
@@ -330,7 +330,7 @@ def save_checkpoint(
         raise
     for _, path in list_checkpoints(run_dir)[keep:]:
         shutil.rmtree(path, ignore_errors=True)
-    log(INFO, "Checkpoint of round %d saved: %s", server_round, final)
+    log(DEBUG, "Checkpoint of round %d saved: %s", server_round, final)
     return final
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass
 from logging import ERROR, INFO, WARNING
@@ -416,9 +415,11 @@ def prepare_run(grid: Grid, context: Context) -> PreparedRun:
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run federated training as the run config says."""
-    # dp-accounting's absl warnings give the root logger a handler; without
-    # this every Flower log line would be printed twice.
-    logging.getLogger("flwr").propagate = False
+    # A quiet log with Flower's lines printed once (app/logs.py; done when `app`
+    # is imported, idempotent); FEDPRIVACY_VERBOSE=1 brings every log back.
+    from app.logs import configure as configure_logging  # pylint: disable=import-outside-toplevel
+
+    configure_logging()
     prepared = prepare_run(grid, context)
     config, strategy, evaluator = prepared.config, prepared.strategy, prepared.evaluator
     private_paths, resume = prepared.private_paths, prepared.resume

@@ -6,7 +6,7 @@ import io
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from logging import INFO, WARNING
+from logging import DEBUG, INFO, WARNING
 from typing import Any, TypeVar
 
 import numpy as np
@@ -390,7 +390,7 @@ class FedAvg(Strategy):
         config = ConfigRecord(dict(config))
         config.update(self.aggregator.client_config(server_round))
         config[protocol.SERVER_ROUND] = server_round
-        log(INFO, "configure_train: sampled %d nodes", len(nodes))
+        log(DEBUG, "configure_train: sampled %d nodes", len(nodes))
         self._train_messages = self._messages(arrays, config, nodes, MessageType.TRAIN)
         return self._train_messages
 
@@ -430,7 +430,7 @@ class FedAvg(Strategy):
             self.last_client_figures = client_figures(
                 valid, self._sent_arrays, result.arrays, result.down_weighted
             )
-            log(INFO, "Round %d clients: %s", server_round,
+            log(DEBUG, "Round %d clients: %s", server_round,
                 summary_line(self.last_client_figures))
         return result.arrays, result.used
 
@@ -693,5 +693,5 @@ class FedAvg(Strategy):
 
         log(INFO, "%s finished in %.1f s", self.__class__.__name__, time.monotonic() - t_start)
         for line in io.StringIO(str(result)):
-            log(INFO, "\t%s", line.rstrip("\n"))
+            log(DEBUG, "\t%s", line.rstrip("\n"))
         return result

@@ -1,0 +1,1 @@
+"""Flower's quickstart-numpy pairing, with fedprivacy's strategies on the server."""
