@@ -1,8 +1,8 @@
-"""What each client holds: one log line per client and a label-distribution plot."""
+"""What each client holds: a one-line summary (per client at DEBUG) and a label-distribution plot."""
 
 from __future__ import annotations
 
-from logging import INFO
+from logging import DEBUG, INFO
 from pathlib import Path
 
 import numpy as np
@@ -20,14 +20,31 @@ def label_counts(federation: Federation) -> np.ndarray:
     )
 
 
-def log_client_summary(federation: Federation) -> None:
-    """One line per client: its sample count and label histogram."""
+def log_client_summary(federation: Federation, plot: Path | None = None) -> None:
+    """One INFO line for the federation, one DEBUG line per client.
+
+    A thousand-client run must not print a thousand lines; the plot and
+    ``FEDPRIVACY_VERBOSE=1`` show each client.
+    """
     counts = label_counts(federation)
+    sizes = counts.sum(axis=1)
     groups = federation.train.group_names
     for client, row in enumerate(counts):
-        log(INFO, "client %d: %d samples, labels %s", client, int(row.sum()), row.tolist())
-    if groups and len(groups) == len(counts):
-        log(INFO, "clients are institutions: %s", ", ".join(groups))
+        log(DEBUG, "client %d: %d samples, labels %s", client, int(row.sum()), row.tolist())
+    institutions = (
+        f" (institutions: {', '.join(groups)})" if groups and len(groups) == len(counts) else ""
+    )
+    log(
+        INFO,
+        "%d clients%s, %d-%d samples each (median %d), %.1f classes each on average%s",
+        len(counts),
+        institutions,
+        int(sizes.min()),
+        int(sizes.max()),
+        int(np.median(sizes)),
+        float((counts > 0).sum(axis=1).mean()),
+        "" if plot is None else f"; label distribution: {plot}",
+    )
 
 
 def plot_label_distribution(federation: Federation, path: Path) -> Path:

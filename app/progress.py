@@ -312,7 +312,6 @@ def format_summary(metrics: Mapping[str, Any], run_dir: Path, total_s: float | N
             f"  sample-level epsilon <= {s['sample-epsilon-max']:.4g}{delta} "
             "(DP-SGD, worst client)"
         )
-    lines.append(f"  files in {run_dir}:")
-    for path in run_files(run_dir):
-        lines.append(f"    {path.name}{'/' if path.is_dir() else ''}")
+    names = ", ".join(f"{p.name}{'/' if p.is_dir() else ''}" for p in run_files(run_dir))
+    lines.append(f"  files in {run_dir}: {names}")
     return "\n".join(lines)

@@ -596,9 +596,8 @@ def report_federation(federation: Federation, config: RunConfig, run_dir: Path) 
     ``federation`` comes from :func:`checked_federation` (built before the
     run folder is written to).
     """
-    log_client_summary(federation)
     plot = plot_label_distribution(federation, run_dir / "label-distribution.png")
-    log(INFO, "Label distribution per client: %s", plot)
+    log_client_summary(federation, plot)
     if config.dp_sgd:
         train_sizes = [
             local_train_size(len(partition), config.val_fraction)

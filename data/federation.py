@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 from functools import lru_cache
-from logging import INFO
+from logging import DEBUG
 
 import numpy as np
 
@@ -200,7 +200,7 @@ def load_client_data(
     local = federation.train.subset(federation.partitions[partition_id])
     train, val = split_local(local, spec.val_fraction, spec.seed + partition_id)
     log(
-        INFO,
+        DEBUG,
         "Client %d: %d train / %d validation samples, labels %s",
         partition_id,
         len(train),

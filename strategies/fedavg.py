@@ -296,20 +296,21 @@ class FedAvg(Strategy):
         self.server_optimizer = server_optimizer
         self.server_update_fn = server_update_fn
 
-    def summary(self) -> None:
-        """Log the strategy's settings."""
-        self.aggregator.summary()
+    def summary(self, num_rounds: int | None = None) -> None:
+        """Log the strategy's settings (one line, then the aggregator's)."""
         log(
             INFO,
-            "%s: fraction-train %.2f (min %d nodes), fraction-evaluate %.2f (min %d), "
+            "%s%s: fraction-train %.2f (min %d nodes), fraction-evaluate %.2f (min %d), "
             "node wait %.0f s",
             self.__class__.__name__,
+            "" if num_rounds is None else f" for {num_rounds} rounds",
             self.fraction_train,
             self.min_train_nodes,
             self.fraction_evaluate,
             self.min_evaluate_nodes,
             self.node_wait_timeout,
         )
+        self.aggregator.summary()
         if self.server_optimizer is not None:
             log(INFO, "%s: server optimiser %r", self.__class__.__name__, self.server_optimizer)
         if self.server_update_fn is not None:
@@ -427,8 +428,10 @@ class FedAvg(Strategy):
         self.last_client_figures = []
         if self.report_clients and result.arrays is not None:
             valid = [reply for reply in replies if reply.node_id not in result.rejected]
-            self.last_client_figures = client_figures(
-                valid, self._sent_arrays, result.arrays, result.down_weighted
+            self.last_client_figures = (
+                result.client_figures
+                if result.client_figures is not None
+                else client_figures(valid, self._sent_arrays, result.arrays, result.down_weighted)
             )
             log(DEBUG, "Round %d clients: %s", server_round,
                 summary_line(self.last_client_figures))
@@ -620,8 +623,7 @@ class FedAvg(Strategy):
         how run outputs are written as the run goes, not only at the end.
         """
         listeners = list(on_round_end)
-        log(INFO, "Starting %s for %d rounds", self.__class__.__name__, num_rounds)
-        self.summary()
+        self.summary(num_rounds)
         first = max(start_round, 1)
         self.aggregator.on_start(self.connected_nodes(first, grid), first, num_rounds)
         train_config = ConfigRecord() if train_config is None else train_config

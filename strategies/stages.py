@@ -26,6 +26,7 @@ import numpy as np
 from flwr.common.logger import log
 
 from .aggregation import finite_weighted_mean
+from .anomaly import ClientFigures
 from .validation import TrainReply
 
 
@@ -47,6 +48,9 @@ class Aggregate:
     down_weighted : dict of int to str
         Node id -> how a valid reply was excluded or down-weighted by a robust
         stage (Krum's exclusions, norm bounding's clipping).
+    client_figures : list of ClientFigures, or None
+        Every valid reply's norm and cosine, when the stage got them for free
+        (Krum, from its Gram matrix); ``None`` lets FedAvg compute them.
     """
 
     arrays: dict[str, np.ndarray] | None
@@ -54,6 +58,7 @@ class Aggregate:
     rejected: dict[int, str] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     down_weighted: dict[int, str] = field(default_factory=dict)
+    client_figures: list[ClientFigures] | None = None
 
 
 @runtime_checkable

@@ -35,8 +35,8 @@ def test_quickstart_clients_with_our_fedavg_and_dpfedavg(tmp_path: Path) -> None
         assert "finished in" in log, log[-4000:]
         assert "no valid train reply" not in log, log[-4000:]
         assert "quickstart: final eval_loss" in log, log[-4000:]
-    assert "Starting FedAvg for 2 rounds" in fedavg
-    assert "Starting DPFedAvg for 2 rounds" in dp
+    assert "FedAvg for 2 rounds" in fedavg
+    assert "DPFedAvg for 2 rounds" in dp
     found = re.search(r"quickstart: \(epsilon ([0-9.]+), delta ([0-9.e-]+)\) after 2 rounds", dp)
     assert found, dp[-4000:]
     assert float(found.group(1)) > 0

@@ -87,10 +87,40 @@ def test_krum_scores_match_a_brute_force_computation() -> None:
     distances = pairwise_sq_distances(_replies(models), REFERENCE)
     flat = [np.concatenate([m[k].ravel().astype(np.float64) for k in SHAPES]) for m in models]
     brute = np.array([[np.sum((a - b) ** 2) for b in flat] for a in flat])
-    np.testing.assert_allclose(distances, brute, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(distances, brute, rtol=1e-5, atol=1e-5)  # float32 Gram
     f = 1
     expected = [sorted(brute[i][j] for j in range(6) if j != i)[: 6 - f - 2] for i in range(6)]
-    np.testing.assert_allclose(krum_scores(distances, f), [sum(e) for e in expected], rtol=1e-9)
+    np.testing.assert_allclose(krum_scores(brute, f), [sum(e) for e in expected], rtol=1e-12)
+
+
+def test_float32_gram_distances_stay_close_to_float64_for_similar_updates() -> None:
+    """The hard case for a float32 Gram: honest updates with pairwise cosine ~0.99."""
+    rng = np.random.default_rng(4)
+    size = 50_000
+    reference = {"w": (0.05 * rng.normal(size=size)).astype(np.float32)}
+    common = 0.003 * rng.normal(size=size)
+    models = [
+        {"w": (reference["w"] + common + 0.0003 * rng.normal(size=size)).astype(np.float32)}
+        for _ in range(12)
+    ]
+    distances = pairwise_sq_distances(_replies(models), reference)
+    updates = np.stack([m["w"].astype(np.float64) - reference["w"] for m in models])
+    exact = ((updates[:, None, :] - updates[None, :, :]) ** 2).sum(axis=2)
+    off = ~np.eye(12, dtype=bool)
+    assert np.max(np.abs(distances - exact)[off] / exact[off]) < 1e-3
+    # float64 replies take the float64 path: exact to rounding.
+    models64 = [{"w": m["w"].astype(np.float64)} for m in models]
+    ref64 = {"w": reference["w"].astype(np.float64)}
+    np.testing.assert_allclose(pairwise_sq_distances(_replies(models64), ref64)[off], exact[off],
+                               rtol=1e-9)
+
+
+def test_an_update_too_large_for_float32_squares_is_measured_not_rejected() -> None:
+    rng = np.random.default_rng(6)
+    models = _models(rng, 6, scale=0.01)
+    models[0] = {k: np.full(s, 1e25, np.float32) for k, s in SHAPES.items()}  # finite, huge
+    out = Krum(byzantine_clients=1).aggregate(1, _replies(models), REFERENCE)
+    assert out.rejected == {} and 1 in out.down_weighted
 
 
 def test_norm_bound_limits_each_contribution_and_keeps_the_weighted_mean_otherwise() -> None:
@@ -113,11 +143,26 @@ def test_norm_bound_limits_each_contribution_and_keeps_the_weighted_mean_otherwi
     assert restored.bound == adaptive.bound
 
 
+@pytest.mark.parametrize("n", [6, 7])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_median_from_one_sort_equals_numpy_bit_for_bit(n: int, dtype: type) -> None:
+    """Even and odd counts, float32 and float64 replies: exactly ``np.median`` of float64 copies."""
+    rng = np.random.default_rng(n)
+    models = [{k: v.astype(dtype) for k, v in m.items()} for m in _models(rng, n)]
+    reference = {k: v.astype(dtype) for k, v in REFERENCE.items()}
+    median = CoordinateMedian().aggregate(1, _replies(models), reference).arrays
+    for key in SHAPES:
+        stack = np.stack([m[key].astype(np.float64) for m in models])
+        assert median[key].dtype == np.float64
+        np.testing.assert_array_equal(median[key], np.median(stack, axis=0))
+
+
 @pytest.mark.parametrize("stage", [CoordinateMedian(), TrimmedMean(0.2), Krum(1), NormBound(1.0)])
-def test_non_finite_replies_are_rejected_and_named(stage) -> None:
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_replies_are_rejected_and_named(stage, bad: float) -> None:
     rng = np.random.default_rng(5)
     models = _models(rng, 5)
-    models[2]["w"][0, 0] = np.nan
+    models[2]["w"][0, 0] = bad
     out = stage.aggregate(1, _replies(models), REFERENCE)
     assert 3 in out.rejected and all(r.node_id != 3 for r in out.used)
     assert all(np.isfinite(v).all() for v in out.arrays.values())
@@ -162,3 +207,21 @@ def test_fedavg_reports_every_valid_reply_and_what_krum_excluded() -> None:
     assert set(figures) == set(range(1, 7)) and 6 not in {r.node_id for r in used}
     assert figures[6].status.startswith("excluded") and figures[6].norm > 100
     assert FedAvg(report_clients=False).last_client_figures == []
+
+
+@pytest.mark.parametrize("keep", [1, None])
+def test_krum_figures_from_its_gram_match_the_direct_computation(keep: int | None) -> None:
+    """Norms and cosines from Krum's Gram matrix equal client_figures on the arrays."""
+    rng = np.random.default_rng(11)
+    models = _models(rng, 8, scale=0.1)
+    models[3] = {k: -10.0 * v for k, v in models[3].items()}  # one that Krum excludes
+    reference = {k: (0.5 * rng.normal(size=s)).astype(np.float32) for k, s in SHAPES.items()}
+    replies = _replies(models, counts=[3, 1, 4, 1, 5, 9, 2, 6])
+    out = Krum(byzantine_clients=2, keep=keep).aggregate(1, replies, reference)
+    assert out.client_figures is not None
+    direct = client_figures(replies, reference, out.arrays, out.down_weighted)
+    for ours, expected in zip(out.client_figures, direct):
+        assert (ours.node_id, ours.status) == (expected.node_id, expected.status)
+        assert ours.norm == pytest.approx(expected.norm, rel=1e-5)
+        assert ours.cosine == pytest.approx(expected.cosine, rel=1e-5, abs=1e-6)
+    assert any(f.status.startswith("excluded") for f in out.client_figures)
