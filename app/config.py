@@ -17,6 +17,7 @@ from data.sources import SOURCES, is_known_dataset
 from data.tabular_file import DEFAULT_MAX_CLASSES
 from data.tasks import TASKS
 from clients.faults import FAULT_KINDS
+from clients.models import MODELS
 from strategies.robust import AGGREGATORS
 from strategies.server_optimizers import SERVER_OPTIMIZERS
 
@@ -32,6 +33,8 @@ class Rule:
     kind: type
     allowed: str
     check: Callable[[Any], bool] = lambda value: True
+    #: Strings accepted verbatim by a numeric key (``noise-multiplier = 'auto'``).
+    words: tuple[str, ...] = ()
 
 
 def _one_of(options: tuple[str, ...]) -> Rule:
@@ -94,7 +97,13 @@ RULES: dict[str, Rule] = {
     "round-timeout": _POSITIVE_FLOAT,
     "node-wait-timeout": _POSITIVE_FLOAT,
     "strategy": _one_of(("fedavg", "dp-fedavg")),
-    "noise-multiplier": Rule(float, "a number >= 0", lambda v: v >= 0),
+    "noise-multiplier": Rule(
+        float,
+        "a number >= 0, or 'auto' (dp-fedavg: the smallest noise that keeps the run's "
+        "num-server-rounds within target-epsilon at target-delta)",
+        lambda v: v == "auto" or v >= 0,
+        words=("auto",),
+    ),
     "clipping-norm": _POSITIVE_FLOAT,
     "clipping": _one_of(("fixed", "adaptive")),
     "clipping-side": _one_of(("server", "client")),
@@ -143,6 +152,13 @@ RULES: dict[str, Rule] = {
     ),
     "faulty-kind": _one_of(FAULT_KINDS),
     "tracking": _one_of(("none", "mlflow")),
+    "model": Rule(
+        str,
+        "one of " + ", ".join(repr(m) for m in MODELS)
+        + " ('default': the CNN for images, the MLP for tables; 'mlp' and '2nn' suit "
+        "user-level DP, whose noise grows with the parameter count)",
+        lambda v: v in MODELS,
+    ),
 }
 
 
@@ -172,7 +188,7 @@ class RunConfig:
     round_timeout: float
     node_wait_timeout: float
     strategy: str
-    noise_multiplier: float
+    noise_multiplier: float | str
     clipping_norm: float
     clipping: str
     clipping_side: str
@@ -205,6 +221,7 @@ class RunConfig:
     faulty_fraction: float
     faulty_kind: str
     tracking: str
+    model: str
 
     def as_dict(self) -> dict[str, Any]:
         """The config with its kebab-case keys, as written to ``metrics.json``."""
@@ -227,6 +244,8 @@ def _coerce(key: str, value: Any, rule: Rule) -> Any:
             f"run config '{key}' = {value!r} has type {type(value).__name__}; "
             f"allowed: {rule.allowed}"
         )
+    if isinstance(value, str) and value in rule.words:
+        return value
     if rule.kind is str:
         if not isinstance(value, str):
             raise ConfigError(f"run config '{key}' = {value!r}; allowed: {rule.allowed}")
@@ -290,6 +309,23 @@ def parse_run_config(run_config: Mapping[str, Any]) -> RunConfig:
             "selection is not derived here, so its epsilon would not hold; use "
             "aggregator='mean' or 'norm-bound' (DP-FedAvg's clipping is norm bounding)"
         )
+    if config.strategy == "dp-fedavg" and config.noise_multiplier == "auto":
+        if config.target_epsilon <= 0:
+            raise ConfigError(
+                "run config 'noise-multiplier' = 'auto' needs 'target-epsilon' > 0: the "
+                "noise is calibrated so that num-server-rounds rounds stay within it"
+            )
+        if config.client_sampling != "poisson":
+            raise ConfigError(
+                "run config 'noise-multiplier' = 'auto' needs 'client-sampling' = "
+                "'poisson': fixed-size sampling's epsilon depends on the number of nodes, "
+                "which is known only once they connect; give a number instead"
+            )
+        if config.local_dp_epsilon > 0:
+            raise ConfigError(
+                "run config 'noise-multiplier' = 'auto' cannot be combined with "
+                "'local-dp-epsilon' > 0 (local DP sets the noise itself); give a number"
+            )
     if config.fraction_evaluate > 0 and config.min_evaluate_nodes < 1:
         raise ConfigError(
             f"run config 'min-evaluate-nodes' = {config.min_evaluate_nodes} must be "

@@ -8,6 +8,7 @@ from logging import ERROR, INFO, WARNING
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
@@ -25,7 +26,8 @@ from data.federation import (
     load_server_split,
     local_train_size,
 )
-from privacy.central import NOT_COVERED
+from privacy.accounting import calibrate_noise_multiplier
+from privacy.central import NOISE_TO_SIGNAL_WARNING, NOT_COVERED
 from privacy.randomness import NOT_PRIVATE
 from privacy.sample_accounting import affordable_rounds, sample_epsilon
 from strategies import protocol
@@ -134,6 +136,70 @@ def check_simulation_only(config: RunConfig, grid: Grid) -> None:
         )
 
 
+def resolved_noise_multiplier(config: RunConfig) -> float:
+    """``noise-multiplier``, or with ``'auto'`` the smallest that fits ``target-epsilon``.
+
+    Calibrated by RDP (an upper bound on the PLD figure) for
+    ``num-server-rounds`` Poisson-sampled rounds at rate ``fraction-train``,
+    so the run's budget stop (``target-epsilon``) is not reached before its
+    last round. With adaptive clipping it is the total multiplier, split
+    between the update and the clipped-count query as always.
+    """
+    if config.noise_multiplier != "auto":
+        return float(config.noise_multiplier)
+    z = calibrate_noise_multiplier(
+        config.target_epsilon,
+        config.target_delta,
+        config.num_server_rounds,
+        config.fraction_train,
+        "poisson",
+    )
+    log(
+        INFO,
+        "noise-multiplier 'auto': %.4g keeps %d rounds at sampling rate %.4g within "
+        "epsilon %g at delta %.3g",
+        z,
+        config.num_server_rounds,
+        config.fraction_train,
+        config.target_epsilon,
+        config.target_delta,
+    )
+    return z
+
+
+def warn_if_noise_swamps_updates(
+    strategy: FedAvg, num_nodes: int, num_parameters: int
+) -> float | None:
+    """Log a WARNING before round 1 when DP noise will drown the updates; the ratio.
+
+    ``z sqrt(d) / m`` (:func:`privacy.central.noise_to_signal`): the norm of a
+    round's noise against the largest mean update. Above
+    :data:`~privacy.central.NOISE_TO_SIGNAL_WARNING` the run will stay near
+    chance accuracy or learn far less than without noise; the warning says
+    what to change and points to README's recipe.
+    """
+    if not isinstance(strategy, DPFedAvg) or num_nodes <= 0:
+        return None
+    mechanism = strategy.mechanism
+    ratio = mechanism.noise_to_signal(list(range(num_nodes)), num_parameters)
+    if ratio > NOISE_TO_SIGNAL_WARNING:
+        expected = mechanism.plan_round(1, list(range(num_nodes))).denominator
+        log(
+            WARNING,
+            "DP noise will drown the updates: each round's noise has %.3g times the norm "
+            "of the largest possible mean update (noise-multiplier %.3g, about %.3g clients "
+            "per round, %d shared parameters); expect accuracy near chance or far below "
+            "a run without noise. User-level DP needs many clients per round (hundreds) "
+            "and a small model: see README, 'A DP recipe that learns' (model='mlp', "
+            "1000 clients, fraction-train 0.1, noise-multiplier='auto').",
+            ratio,
+            mechanism.noise_multiplier,
+            expected,
+            num_parameters,
+        )
+    return ratio
+
+
 def build_strategy(config: RunConfig) -> FedAvg:
     """FedAvg (with the chosen aggregator), or DP-FedAvg, with the chosen server optimiser."""
     optimizer = build_server_optimizer(config)
@@ -162,7 +228,7 @@ def build_strategy(config: RunConfig) -> FedAvg:
     sgd_rate = config.server_learning_rate or 1.0
     try:
         return DPFedAvg(
-            noise_multiplier=config.noise_multiplier,
+            noise_multiplier=resolved_noise_multiplier(config),
             clipping_norm=config.clipping_norm,
             clipping=config.clipping,  # type: ignore[arg-type]
             clipping_side=config.clipping_side,  # type: ignore[arg-type]
@@ -246,6 +312,10 @@ def privacy_statement(config: RunConfig, strategy: FedAvg) -> dict[str, object]:
                 "protects": "each client's whole contribution, against anyone who sees the "
                 "released models or these figures (not against the server: central DP)",
                 "relation": strategy.mechanism.relation,
+                "noise-multiplier": strategy.mechanism.noise_multiplier,
+                "noise-multiplier-from": "target-epsilon (noise-multiplier 'auto')"
+                if config.noise_multiplier == "auto"
+                else "run config",
                 "not-covered": list(NOT_COVERED),
             }
         )
@@ -359,6 +429,24 @@ def checked_federation(grid: Grid, config: RunConfig) -> Federation:
         ) from error
 
 
+def check_dp_plan(strategy: FedAvg, num_nodes: int) -> None:
+    """Plan DP-FedAvg's first round for ``num_nodes`` nodes, or a ConfigError (before round 1).
+
+    Some settings are only wrong for a number of nodes (adaptive clipping's
+    count noise is sized from the expected clients per round), so they are
+    checked once the nodes are known, before anything is written.
+    """
+    if not isinstance(strategy, DPFedAvg):
+        return
+    try:
+        strategy.mechanism.plan_round(1, list(range(num_nodes)))
+    except ValueError as error:
+        raise ConfigError(
+            f"invalid DP-FedAvg settings for {num_nodes} connected nodes (run config "
+            f"'noise-multiplier', 'clipping', 'fraction-train'): {error}"
+        ) from error
+
+
 def checked_server_data(config: RunConfig) -> LabeledData | None:
     """The server's public slice (``server-data``), or a ConfigError."""
     try:
@@ -401,6 +489,7 @@ def prepare_run(grid: Grid, context: Context) -> PreparedRun:
         check_simulation_only(config, grid)
         resume = resume_checkpoint(output_dir, strategy, config) if config.resume else None
         federation = checked_federation(grid, config)
+        check_dp_plan(strategy, len(federation.partitions))
         server_data = checked_server_data(config)
         if config.tracking == "mlflow":
             checked_tracking()
@@ -436,6 +525,12 @@ def main(grid: Grid, context: Context) -> None:
         log(INFO, "Run %s: outputs in %s", context.run_id, run_dir)
 
     report_federation(prepared.federation, config, run_dir)
+    noise_ratio = warn_if_noise_swamps_updates(
+        strategy,
+        len(prepared.federation.partitions),
+        sum(int(np.prod(v.shape)) for k, v in get_weights(evaluator.model).items()
+            if k not in private_paths),
+    )
     # The server holds, and sends, only the shared variables.
     shared, _ = split_weights(get_weights(evaluator.model), private_paths)
     start_round, kept = 1, []
@@ -478,6 +573,8 @@ def main(grid: Grid, context: Context) -> None:
 
     metrics_log = MetricsLog(run_dir / "metrics.json", config.as_dict(), kept)
     metrics_log.content["privacy"] = privacy_statement(config, strategy)
+    if noise_ratio is not None:
+        metrics_log.content["privacy"]["noise-to-signal"] = noise_ratio
     tensorboard = TensorBoardLog.rebuild(run_dir, kept) if kept else TensorBoardLog(run_dir)
     tracker = MlflowLog(run_dir, config.as_dict(), kept) if config.tracking == "mlflow" else None
     round_times = [float(e["elapsed-s"]) for e in kept if e.get("elapsed-s") is not None]

@@ -33,4 +33,5 @@ def model_spec(config: RunConfig, data: LabeledData) -> ModelSpec:
         input_shape=data.input_shape,
         num_classes=data.num_classes,
         seed=config.seed,
+        architecture=config.model,
     )

@@ -33,6 +33,7 @@ class ModelSpec:
     input_shape: tuple[int, ...]
     num_classes: int
     seed: int = 0
+    architecture: str = "default"
 
 
 _MODELS: dict[ModelSpec, keras.Model] = {}
@@ -52,7 +53,8 @@ def get_model(spec: ModelSpec) -> keras.Model:
         import keras
 
         model = build_model(
-            spec.kind, spec.input_shape, spec.num_classes, seed=spec.seed
+            spec.kind, spec.input_shape, spec.num_classes, seed=spec.seed,
+            architecture=spec.architecture,
         )
         model.compile(
             optimizer=keras.optimizers.SGD(learning_rate=0.01),

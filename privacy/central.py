@@ -92,6 +92,29 @@ def expected_clients(
     return sampling_rate * num_nodes if sampling == "poisson" else float(sample_size)
 
 
+#: :func:`noise_to_signal` above which a run is warned that it will not learn much.
+#: From TensorFlow Federated's DP tutorial (2NN on EMNIST, 199,210 parameters):
+#: ratio 4.5 (noise 1.2, 120 clients) kept 79.6% of 80.5%; 6.7 (0.75, 50) fell
+#: to 70.9%; 8.9 (1.0, 50) to 38.3%.
+NOISE_TO_SIGNAL_WARNING = 6.0
+
+
+def noise_to_signal(noise_stddev_per_coordinate: float, clipping_norm: float,
+                    num_parameters: int) -> float:
+    """Norm of a round's noise vector over the largest norm the clipped mean update can have.
+
+    ``sigma sqrt(d) / C``: with central noise ``sigma = z C / m`` it is
+    ``z sqrt(d) / m``. Updates that agree can reach norm ``C``; the noise's
+    norm is ``sigma sqrt(d)``. Far above 1 every round, the model follows the
+    noise unless many rounds average it away; the figure is a plain-words
+    screen for hopeless settings (few clients per round, a large model), not
+    a privacy quantity.
+    """
+    if clipping_norm <= 0 or num_parameters <= 0:
+        raise ValueError("clipping norm and parameter count must be positive")
+    return noise_stddev_per_coordinate * math.sqrt(num_parameters) / clipping_norm
+
+
 def poisson_sample(
     node_ids: Sequence[int], sampling_rate: float, rng: np.random.Generator
 ) -> list[int]:
@@ -330,6 +353,20 @@ class CentralGaussian:
                 f"to {after:.4g}, above target-epsilon {self.target_epsilon:g}"
             )
         return None
+
+    def noise_to_signal(self, node_ids: Sequence[int], num_parameters: int) -> float:
+        """:func:`noise_to_signal` of a round with ``node_ids`` connected (0 without noise)."""
+        plan = self.plan_round(1, node_ids)
+        if self.local_dp_epsilon is not None:
+            # Each client's own Gaussian, averaged over m clients: sigma / sqrt(m) on the mean.
+            sigma = local_dp_noise_stddev(
+                plan.clipping_norm, self.local_dp_epsilon, self.local_dp_delta
+            ) / math.sqrt(plan.denominator)
+        else:
+            sigma = noise_stddev(
+                plan.update_noise_multiplier, plan.clipping_norm, plan.denominator
+            )
+        return noise_to_signal(sigma, plan.clipping_norm, num_parameters)
 
     def project(self, plan: RoundPlan, rounds: int) -> float:
         """Epsilon after ``rounds`` more rounds like ``plan`` (RDP)."""

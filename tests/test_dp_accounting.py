@@ -147,6 +147,21 @@ def test_pld_epsilon_matches_and_is_tighter() -> None:
     assert ledger.epsilon_pld < ledger.epsilon
 
 
+def test_cached_pld_equals_pld_accountant_across_mixed_rounds() -> None:
+    """Each event's PLD is built once; the figure must stay PLDAccountant's, every round."""
+    ledger = PrivacyLedger("poisson", 1e-3, compute_pld=True)
+    events = [round_event("poisson", z, sampling_rate=q)
+              for z, q in [(1.4, 0.1), (1.4, 0.1), (0.9, 0.1), (1.4, 0.1), (1.4, 0.05)]]
+    for index, event in enumerate(events, start=1):
+        ledger.compose(event)
+        independent = PLDAccountant(neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE)
+        for earlier in events[:index]:
+            independent.compose(earlier)
+        # Same PLDs; only the order of the FFT compositions differs (float rounding).
+        assert ledger.epsilon_pld == pytest.approx(independent.get_epsilon(1e-3), rel=1e-9)
+    assert len(ledger._pld_of_event) == 3  # three distinct events, each built once
+
+
 def test_adaptive_round_event_composes_update_and_count_queries() -> None:
     z, sigma_b, q = 1.0, 2.5, 0.3
     z_update = (z**-2 - (2 * sigma_b) ** -2) ** -0.5

@@ -77,11 +77,6 @@ def test_log_has_no_third_party_noise_and_no_duplicates(
 
 
 @pytest.mark.e2e
-@pytest.mark.xfail(
-    strict=False,
-    reason="a 2-round run still prints more than 24 + 3.6 lines per round (start-up, data "
-    "report and summary lines; the per-round details and Result dump are already at DEBUG)",
-)
 def test_default_run_log_fits_its_line_budget(logs: dict[str, tuple[str, float]]) -> None:
     log, _ = logs["fedavg"]
     lines = log.splitlines()
