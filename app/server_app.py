@@ -191,7 +191,8 @@ def warn_if_noise_swamps_updates(
             "per round, %d shared parameters); expect accuracy near chance or far below "
             "a run without noise. User-level DP needs many clients per round (hundreds) "
             "and a small model: see README, 'A DP recipe that learns' (model='mlp', "
-            "1000 clients, fraction-train 0.1, noise-multiplier='auto').",
+            "1000 clients, fraction-train 0.1, server-learning-rate 0.25, "
+            "noise-multiplier='auto').",
             ratio,
             mechanism.noise_multiplier,
             expected,
