@@ -31,7 +31,7 @@ from clients.private_layers import (
 )
 from clients.faults import faulty_update, flip_labels, is_faulty
 from clients.proximal import local_seed, train_proximal
-from clients.training import ModelSpec, get_model, initial_weights, train_locally
+from clients.training import ModelSpec, get_model, initial_weights
 from clients.training import evaluate as evaluate_model
 from clients.weights import get_weights, set_weights
 from data.dataset import LabeledData
@@ -291,8 +291,11 @@ def train(msg: Message, context: Context) -> Message:
         metrics.update(reply_metrics(ledger))
         if all_runs is not None:
             metrics[METRIC_SAMPLE_EPSILON_ALL_RUNS] = all_runs
-    elif run_config.proximal_mu > 0:
-        # FedProx (Li et al. 2020): the proximal term on the shared variables only.
+    else:
+        # One compiled tf.while_loop per epoch: plain minibatch SGD at mu = 0
+        # (FedAvg), FedProx (Li et al. 2020) with the proximal term on the
+        # shared variables at mu > 0. model.fit costs ~0.1 s of set-up per call,
+        # which dominated the rounds of many small clients (bench/scale.py).
         loss = train_proximal(
             model,
             setup.train,
@@ -303,10 +306,6 @@ def train(msg: Message, context: Context) -> Message:
             global_weights=global_arrays,
             shared_paths=set(setup.shared_paths),
             seed=local_seed(run_config.seed, int(config[protocol.SERVER_ROUND]), setup.partition_id),
-        )
-    else:
-        loss = train_locally(
-            model, setup.train, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate
         )
     shared, private = split_weights(get_weights(model), setup.private_paths)
     if private:

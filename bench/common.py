@@ -407,20 +407,22 @@ def _record(kind: str, **fields: Any) -> None:
         handle.write(line + "\n")
 
 
-#: Seconds of every ``train_locally`` (``model.fit``) call of this process, in order.
+#: Seconds of every local training call (``train_proximal``, the ClientApp's
+#: compiled SGD epochs; ``model.fit`` before) of this process, in order.
 FIT_S: list[float] = []
 
 
 def time_model_fit() -> list[float]:
-    """Time ``train_locally`` (model.fit) inside our ClientApp; return the list it fills.
+    """Time the local training inside our ClientApp; return the list it fills.
 
-    Patches ``app.client_app.train_locally`` once per process; every call
+    Patches ``app.client_app.train_proximal`` once per process; every call
     appends its duration to :data:`FIT_S` (clear it before the calls you time).
+    The figures keep the name ``fit`` (the clients' own training time).
     """
     import app.client_app as client_module
 
-    if not getattr(client_module.train_locally, "_bench_timed", False):
-        original = client_module.train_locally
+    if not getattr(client_module.train_proximal, "_bench_timed", False):
+        original = client_module.train_proximal
 
         def timed(*args: Any, **kwargs: Any) -> Any:
             start = time.perf_counter()
@@ -430,7 +432,7 @@ def time_model_fit() -> list[float]:
                 FIT_S.append(time.perf_counter() - start)
 
         timed._bench_timed = True  # type: ignore[attr-defined]
-        client_module.train_locally = timed
+        client_module.train_proximal = timed
     return FIT_S
 
 

@@ -60,7 +60,8 @@ def render(results, args, started, partial) -> None:
                 f"peak memory ratio: {mb / ma:.2f}.\n"
             )
     body = (
-        f"MNIST IID, {args.per_round} clients trained per round, {args.rounds} rounds, "
+        f"MNIST IID, model '{args.model}', {args.per_round} clients trained per round, "
+        f"{args.rounds} rounds, "
         f"1 local epoch, batch 10, no federated evaluation; {args.repeats} runs per N. "
         "Seconds/ms: median (min-max) over rounds 2-N of all runs (round 1 carries the engine's "
         "warm-up); memory and start-up over runs.\n\n"
@@ -77,6 +78,8 @@ def main() -> None:
     parser = common.simulation_parser(__doc__, rounds=4, clients=None, timeout=2400)
     parser.add_argument("--clients", type=int, nargs="+", default=[100, 1000])
     parser.add_argument("--per-round", type=int, default=10)
+    parser.add_argument("--model", default="default",
+                        help="the run config's model key (default: the app's CNN, 1.7M parameters)")
     args = parser.parse_args()
     if common.prepare(args, NAME, render):
         return
@@ -87,7 +90,7 @@ def main() -> None:
             dataset="mnist", data_path=str(common.MNIST_PATH), partitioner="iid",
             num_server_rounds=args.rounds, fraction_train=args.per_round / n,
             min_train_nodes=args.per_round, fraction_evaluate=0.0, local_epochs=1,
-            batch_size=10, learning_rate=0.05,
+            batch_size=10, learning_rate=0.05, model=args.model,
         ), n)
         for n in args.clients
     }

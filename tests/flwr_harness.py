@@ -153,9 +153,18 @@ def _stop(process: subprocess.Popen, spawned: SpawnedProcesses | None = None) ->
 
 @contextmanager
 def simulation_superlink(
-    flwr_home: Path, num_supernodes: int, dependency_install: bool = False
+    flwr_home: Path,
+    num_supernodes: int,
+    dependency_install: bool = False,
+    extra_env: dict[str, str] | None = None,
+    client_cpus: float | None = None,
 ) -> Iterator[dict[str, str]]:
-    """Start a simulation SuperLink; yield the environment for `flwr` commands."""
+    """Start a simulation SuperLink; yield the environment for `flwr` commands.
+
+    ``extra_env`` goes to the SuperLink's environment only (e.g. ``RAY_ADDRESS``,
+    which the simulation runtime's ``ray.init()`` follows); ``client_cpus`` sets
+    the simulation backend's ``client-resources.num-cpus``.
+    """
     # Flower 1.42 serves the Control, Runtime and Fleet APIs on one HTTP port.
     port = free_port()
     flwr_home.mkdir(parents=True, exist_ok=True)
@@ -167,6 +176,11 @@ def simulation_superlink(
         "insecure = true\n\n"
         "[superlink.test.options]\n"
         f"num-supernodes = {num_supernodes}\n"
+        + (
+            ""
+            if client_cpus is None
+            else f"\n[superlink.test.options.backend.client-resources]\nnum-cpus = {client_cpus}\n"
+        )
     )
     env = dict(os.environ, FLWR_HOME=str(flwr_home), FLWR_DISABLE_UPDATE_CHECK="1")
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
@@ -182,7 +196,7 @@ def simulation_superlink(
         else "--disable-runtime-dependency-installation"
     )
     process = subprocess.Popen(  # pylint: disable=consider-using-with
-        command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        command, env=dict(env, **(extra_env or {})), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
     spawned = SpawnedProcesses(process.pid)
