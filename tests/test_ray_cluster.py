@@ -77,12 +77,12 @@ def test_a_simulation_runs_its_clients_on_both_nodes_of_a_ray_cluster(tmp_path: 
             probe = subprocess.run(
                 [str(BIN / "python"), "-c",
                  "import json, ray\n"
-                 "from ray.util.state import list_nodes, list_tasks\n"
+                 "from ray._private import state\n"
                  f"ray.init(address='{address}', logging_level='ERROR')\n"
-                 "nodes = [n.node_id for n in list_nodes() if n.state == 'ALIVE']\n"
-                 "tasks = list_tasks(filters=[('type', '=', 'ACTOR_TASK')], detail=True,"
-                 " limit=10000)\n"
-                 "ran = sorted({t.node_id for t in tasks if 'ClientAppActor' in (t.name or '')})\n"
+                 "nodes = sorted(n['NodeID'] for n in ray.nodes() if n['Alive'])\n"
+                 "actors = state.actors().values()\n"
+                 "ran = sorted({a['Address']['NodeID'] for a in actors\n"
+                 "              if 'ClientAppActor' in a['ActorClassName']})\n"
                  "print(json.dumps({'nodes': nodes, 'ran': ran}))\n"],
                 env=env, capture_output=True, text=True, timeout=120, check=False,
             )
