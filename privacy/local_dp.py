@@ -32,7 +32,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from dp_accounting import get_sigma_gaussian
 
 from .clipping import (
     Arrays,
@@ -70,6 +69,8 @@ def analytic_gaussian_sigma(epsilon: float, delta: float, sensitivity: float = 1
         raise ValueError(f"need epsilon > 0 and 0 < delta < 1, got {epsilon}, {delta}")
     if sensitivity < 0:
         raise ValueError(f"sensitivity must be non-negative, got {sensitivity}")
+    from dp_accounting import get_sigma_gaussian  # ~2 s import: only where it is used
+
     return float(sensitivity * get_sigma_gaussian(epsilon, delta))
 
 

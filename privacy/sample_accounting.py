@@ -32,10 +32,14 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import dp_accounting
-from dp_accounting.rdp import RdpAccountant
+if TYPE_CHECKING:  # pragma: no cover
+    import dp_accounting
+
+# dp_accounting (with scipy.signal) takes ~2 s to import: it is imported where an
+# epsilon is computed, so that the ClientApp's module loads fast for the clients
+# that never run DP-SGD (a deployed SuperNode starts a process per message).
 
 DEFAULT_SAMPLE_DELTA = 1e-5
 STATE_KEY = "sample-privacy"
@@ -116,11 +120,15 @@ def step_event(q: float, noise_multiplier: float) -> dp_accounting.DpEvent:
         raise ValueError(f"sampling rate must be in (0, 1], got {q}")
     if noise_multiplier < 0:
         raise ValueError(f"noise multiplier must be >= 0, got {noise_multiplier}")
+    import dp_accounting
+
     return dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(noise_multiplier))
 
 
 def composed_event(steps: Mapping[tuple[float, float], int]) -> dp_accounting.DpEvent:
     """Composition of ``count`` steps for each ``(q, z)``: the whole local history."""
+    import dp_accounting
+
     return dp_accounting.ComposedDpEvent(
         [
             dp_accounting.SelfComposedDpEvent(step_event(q, z), count)
@@ -134,6 +142,8 @@ def epsilon_of(event: dp_accounting.DpEvent, delta: float) -> float:
     """``epsilon`` at ``delta`` of ``event`` by the RDP accountant (inf without noise)."""
     if not 0.0 < delta < 1.0:
         raise ValueError(f"delta must be in (0, 1), got {delta}")
+    from dp_accounting.rdp import RdpAccountant
+
     accountant = RdpAccountant()
     accountant.compose(event)
     return float(accountant.get_epsilon(delta))

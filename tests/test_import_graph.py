@@ -63,6 +63,25 @@ def test_importing_privacy_loads_neither_tensorflow_nor_flower() -> None:
     assert result.stdout.strip() == ""
 
 
+def test_the_client_app_module_loads_no_tensorflow_and_no_accountant() -> None:
+    """A deployed SuperNode starts a process per message: the module must load fast.
+
+    TensorFlow (5-15 s) is imported when a message needs the model;
+    dp-accounting (~2 s with scipy.signal) when an epsilon is computed.
+    """
+    code = (
+        "import sys\n"
+        "import app.client_app\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in "
+        "{'tensorflow', 'keras', 'dp_accounting', 'tensorflow_privacy'})\n"
+        "print(','.join(heavy))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == ""
+
+
 NOISE_OR_ACCOUNTING = (
     ".normal(", "standard_normal", "gauss", "dp_accounting", "RdpAccountant",
     "PLDAccountant", "compute_epsilon", "default_rng()", "SeedSequence(",
