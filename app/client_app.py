@@ -54,6 +54,7 @@ from privacy.sample_accounting import SampleDPRound
 from strategies import protocol
 from strategies.fedavg import to_arrayrecord, to_numpy
 
+from . import warm_worker
 from .config import RunConfig, parse_run_config
 from .private_state import load_private, save_private
 from .sample_ledger import (
@@ -233,6 +234,17 @@ def refusal(msg: Message, context: Context, found: list[Violation]) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    """Train: in this node's warm worker when its node config names one, else here."""
+    return warm_worker.handle("train", msg, context, train_here)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Evaluate: in this node's warm worker when its node config names one, else here."""
+    return warm_worker.handle("evaluate", msg, context, evaluate_here)
+
+
+def train_here(msg: Message, context: Context) -> Message:
     """Train the received global model (with this node's private part) and send back the shared part.
 
     Refused with a ``NODE_PRIVACY_LIMIT`` error reply, before the model is
@@ -337,8 +349,7 @@ def train(msg: Message, context: Context) -> Message:
     return Message(content=content, reply_to=msg)
 
 
-@app.evaluate()
-def evaluate(msg: Message, context: Context) -> Message:
+def evaluate_here(msg: Message, context: Context) -> Message:
     """Evaluate the global model and this node's personalised model on local validation data.
 
     ``eval-*``: the global shared weights with the seeded initial private part

@@ -16,7 +16,7 @@ from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
 from clients.private_layers import private_variable_paths, split_weights
 from clients.server_training import ServerTrainer, make_server_update_fn
-from clients.training import evaluate, get_model
+from clients.training import evaluate, get_model, initial_weights
 from clients.weights import get_weights, set_weights
 from data.dataset import LabeledData
 from data.federation import (
@@ -89,7 +89,8 @@ class CentralEvaluator:
                 f"run config 'dataset' = {config.dataset!r}, 'data-path' = "
                 f"{config.data_path!r}: the server cannot load its test set: {error}"
             ) from error
-        self.model = get_model(model_spec(config, self.test))
+        self.spec = model_spec(config, self.test)
+        self.model = get_model(self.spec)
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
         """Return ``central-loss`` and ``central-accuracy`` of ``arrays``."""
@@ -533,7 +534,9 @@ def main(grid: Grid, context: Context) -> None:
             if k not in private_paths),
     )
     # The server holds, and sends, only the shared variables.
-    shared, _ = split_weights(get_weights(evaluator.model), private_paths)
+    # The seeded initial weights, not the cached model's current ones (a process
+    # that ran an earlier federation holds that run's trained weights in it).
+    shared, _ = split_weights(initial_weights(evaluator.spec), private_paths)
     start_round, kept = 1, []
     if resume is not None:
         kept = resume.kept

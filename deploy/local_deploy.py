@@ -396,6 +396,8 @@ class LocalDeployment:  # pylint: disable=too-many-instance-attributes
     #: The data owners' privacy limits, ``key=value ...`` added to every
     #: SuperNode's node config (:mod:`privacy.node_limits`).
     node_limits: str = ""
+    #: Start a warm client worker beside every SuperNode (:mod:`app.warm_worker`).
+    warm_workers: bool = False
     processes: list[ManagedProcess] = field(default_factory=list, init=False)
     supernodes: list[SuperNodeSlot] = field(default_factory=list, init=False)
     #: Length of the SuperLink's log when each ``flwr run`` (by pid) started.
@@ -482,9 +484,29 @@ class LocalDeployment:  # pylint: disable=too-many-instance-attributes
         ]
         if index in self.data_paths:
             parts.append(f"data-path={_config_string(self.data_paths[index])}")
+        if self.warm_workers:
+            parts.append(f"worker-socket={_config_string(str(self.worker_socket(index)))}")
         if self.node_limits.strip():
             parts.append(self.node_limits.strip())
         return " ".join(parts)
+
+    def worker_socket(self, index: int) -> Path:
+        """SuperNode ``index``'s warm-worker socket (its folder is made 0700 by the worker)."""
+        return self.workdir / f"supernode-{index}" / "worker" / "worker.sock"
+
+    def start_worker(self, index: int, timeout: float = 120.0) -> ManagedProcess:
+        """Start SuperNode ``index``'s warm worker and wait until it listens."""
+        folder = self.workdir / f"supernode-{index}"
+        process = self._track(
+            ManagedProcess(
+                f"worker-{index}",
+                [str(BIN / "python"), "-m", "app.warm_worker", "--preload",
+                 "--socket", str(self.worker_socket(index))],
+                self.base_env(folder / "home"), folder / "worker.log",
+            ).start()
+        )
+        process.wait_for("warm worker listening", timeout)
+        return process
 
     def write_cli_config(self) -> Path:
         """``$FLWR_HOME/config.toml`` of the CLI with the ``local-deployment`` connection."""
@@ -687,6 +709,9 @@ class LocalDeployment:  # pylint: disable=too-many-instance-attributes
             print(INSECURE_WARNING, file=sys.stderr, flush=True)
             logger.warning("insecure mode: no TLS, no SuperNode authentication")
         self.prepare()
+        if self.warm_workers:
+            for slot in self.supernodes:
+                self.start_worker(slot.index)
         self.start_superlink()
         self.register_supernodes()
         for slot in self.supernodes:
@@ -1118,6 +1143,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "require-dp-sgd=true max-sample-epsilon=8.0\"); see deploy/README.md")
     parser.add_argument("--timeout", type=float, default=None,
                         help="stop everything if the run takes longer than this many seconds")
+    parser.add_argument("--warm-workers", action="store_true",
+                        help="start a warm client worker beside every SuperNode (TensorFlow, "
+                        "the model and the data stay loaded; a private Unix socket named in "
+                        "the node config as worker-socket); see deploy/README.md")
     args = parser.parse_args(argv)
     if args.port < 0 or args.port > 65535:
         parser.error("--port must be in 0..65535")
@@ -1163,6 +1192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         deployment = LocalDeployment(
             args.workdir, num_supernodes=args.num_supernodes, insecure=args.insecure,
             port=args.port, data_paths=args.data_paths, node_limits=args.node_limits,
+            warm_workers=args.warm_workers,
         )
     except DeploymentError as error:
         logger.error("%s", error)

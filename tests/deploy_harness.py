@@ -33,7 +33,8 @@ def leftover_process_groups(deployment: LocalDeployment) -> list[str]:
 
 @contextmanager
 def loopback_deployment(
-    workdir: Path, num_supernodes: int, data_paths: dict[int, str] | None = None
+    workdir: Path, num_supernodes: int, data_paths: dict[int, str] | None = None,
+    warm_workers: bool = False,
 ) -> Iterator[LocalDeployment]:
     """A started TLS + SuperNode-auth deployment on 127.0.0.1 with a free port.
 
@@ -42,7 +43,8 @@ def loopback_deployment(
     if any of their process groups is still there.
     """
     deployment = LocalDeployment(
-        workdir, num_supernodes=num_supernodes, port=0, data_paths=dict(data_paths or {})
+        workdir, num_supernodes=num_supernodes, port=0, data_paths=dict(data_paths or {}),
+        warm_workers=warm_workers,
     )
     try:
         deployment.start()
