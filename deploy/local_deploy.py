@@ -426,6 +426,7 @@ class LocalDeployment:  # pylint: disable=too-many-instance-attributes
         self.cli_home = self.workdir / "cli"
         self.outputs_dir = self.workdir / "outputs"
         self.superlink: ManagedProcess | None = None
+        self.database: Path | None = None
 
     # ------------------------------------------------------------------ setup
     def base_env(self, flwr_home: Path) -> dict[str, str]:
@@ -543,6 +544,10 @@ class LocalDeployment:  # pylint: disable=too-many-instance-attributes
                 "--ssl-ca-certfile", str(self.certs_dir / "ca.crt"),
                 "--enable-supernode-auth",
             ]
+        if self.database is not None:
+            # The SuperLink's state (registered nodes, runs) in a file, so that a
+            # restarted SuperLink keeps its nodes (restart_superlink).
+            command += ["--database", str(self.database)]
         command += [
             "--isolation", "subprocess",
             "--host", LOOPBACK, "--port", str(self.port),
@@ -553,7 +558,31 @@ class LocalDeployment:  # pylint: disable=too-many-instance-attributes
         return command
 
     def start_superlink(self, timeout: float = 60.0) -> ManagedProcess:
-        """Start the SuperLink and wait until its port accepts connections."""
+        """Start the SuperLink and wait until its port accepts connections.
+
+        Each deployment gets a new state database (``superlink/state-<time>.db``;
+        earlier ones are left as they are); :meth:`restart_superlink` reopens it.
+        """
+        if self.database is None:
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            self.database = self.workdir / "superlink" / f"state-{stamp}-{os.getpid()}.db"
+            self.database.parent.mkdir(parents=True, exist_ok=True)
+        return self._start_superlink_process(timeout)
+
+    def restart_superlink(self, timeout: float = 60.0) -> ManagedProcess:
+        """Start the SuperLink again on the same state database (after a crash or a stop).
+
+        Its registered nodes and runs are in the database; the SuperNodes,
+        which keep retrying, reconnect under their node IDs. A run whose
+        ServerApp died with the SuperLink is continued with ``resume``.
+        """
+        if self.database is None:
+            raise DeploymentError("the SuperLink was never started")
+        if self.superlink is not None and self.superlink.running():
+            self.superlink.stop()
+        return self._start_superlink_process(timeout)
+
+    def _start_superlink_process(self, timeout: float) -> ManagedProcess:
         folder = self.workdir / "superlink"
         process = self._track(
             ManagedProcess(
