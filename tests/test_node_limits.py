@@ -279,7 +279,7 @@ def _never_train(*args: object, **kwargs: object) -> None:
 def no_training(monkeypatch: pytest.MonkeyPatch) -> None:
     import app.client_app as module
 
-    for trainer in ("train_locally", "dp_sgd_train", "train_proximal"):
+    for trainer in ("dp_sgd_train", "train_proximal"):
         monkeypatch.setattr(module, trainer, _never_train)
 
 
@@ -414,7 +414,7 @@ def test_a_reply_not_shaped_as_the_server_sent_becomes_an_error(
     def upcast(local, global_arrays, config):  # a bug: a shared array leaves in another dtype
         return {k: v.astype(np.float64) if k == "cnn/conv-1/bias" else v for k, v in local.items()}
 
-    monkeypatch.setattr(module, "train_locally", lambda *args, **kwargs: 0.0)
+    monkeypatch.setattr(module, "train_proximal", lambda *args, **kwargs: 0.0)
     monkeypatch.setattr(module, "outgoing_arrays", upcast)
     contexts = _nodes(tmp_path, {})
     context = next(iter(contexts.values()))
