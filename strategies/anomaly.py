@@ -72,17 +72,7 @@ def client_figures(
             np.subtract(np.asarray(reply.arrays[key]).ravel(), ref64, out=row)
         squares += np.einsum("ij,ij->i", updates, updates)
         dots += updates @ direction
-    aggregate_norm = math.sqrt(aggregate_square)
-    statuses = statuses or {}
-    figures = []
-    for index, reply in enumerate(replies):
-        norm = math.sqrt(squares[index])
-        denominator = norm * aggregate_norm
-        cosine = dots[index] / denominator if denominator > 0 else 0.0
-        figures.append(
-            ClientFigures(reply.node_id, norm, cosine, statuses.get(reply.node_id, "used"))
-        )
-    return figures
+    return _figures(replies, squares, dots, math.sqrt(aggregate_square), statuses)
 
 
 def figures_from_gram(
@@ -110,9 +100,19 @@ def figures_from_gram(
     statuses : mapping of node id to str, optional
         As for :func:`client_figures`.
     """
-    squares = np.maximum(np.diag(gram), 0.0)
     dots = gram @ coefficients
     aggregate_norm = math.sqrt(max(float(coefficients @ dots), 0.0))
+    return _figures(replies, np.maximum(np.diag(gram), 0.0), dots, aggregate_norm, statuses)
+
+
+def _figures(
+    replies: Sequence[TrainReply],
+    squares: np.ndarray,
+    dots: np.ndarray,
+    aggregate_norm: float,
+    statuses: Mapping[int, str] | None,
+) -> list[ClientFigures]:
+    """Each reply's norm ``sqrt(squares_i)`` and cosine ``dots_i / (norm_i |Delta|)``."""
     statuses = statuses or {}
     figures = []
     for index, reply in enumerate(replies):
