@@ -90,7 +90,13 @@ class CentralEvaluator:
                 f"{config.data_path!r}: the server cannot load its test set: {error}"
             ) from error
         self.spec = model_spec(config, self.test)
-        self.model = get_model(self.spec)
+        try:
+            self.model = get_model(self.spec)
+        except ValueError as error:  # e.g. the CNN for a table
+            raise ConfigError(
+                f"run config 'model' = {config.model!r} for dataset {config.dataset!r} "
+                f"({self.test.kind} data): {error}"
+            ) from error
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
         """Return ``central-loss`` and ``central-accuracy`` of ``arrays``."""

@@ -52,6 +52,16 @@ def test_the_cnn_is_refused_for_tables_and_unknown_models_name_the_key() -> None
         _config(model="resnet")
 
 
+def test_the_cnn_for_a_table_is_a_config_error_before_round_one(tmp_path) -> None:
+    from app.server_app import CentralEvaluator
+
+    heart = tmp_path / "heart.csv"
+    heart.write_text("a,b,label\n" + "".join(f"{i},{i % 3},{i % 2}\n" for i in range(40)))
+    config = _config(dataset="csv", model="cnn", **{"data-path": f"{heart}?label=label"})
+    with pytest.raises(ConfigError, match="'model' = 'cnn'.*tabular.*needs image data"):
+        CentralEvaluator(config)
+
+
 # ------------------------------------------------------------ noise from a target
 def test_auto_noise_needs_a_target_epsilon_and_poisson_sampling() -> None:
     with pytest.raises(ConfigError, match="'noise-multiplier' = 'auto' needs 'target-epsilon'"):
