@@ -104,7 +104,7 @@ from bench.common import (  # noqa: E402
 )
 from clients.faults import FAULT_KINDS, faulty_update, flip_labels, is_faulty  # noqa: E402
 from clients.proximal import local_seed, train_proximal  # noqa: E402
-from clients.training import ModelSpec, evaluate, get_model  # noqa: E402
+from clients.training import ModelSpec, build_compiled, evaluate, get_model  # noqa: E402
 from clients.weights import get_weights, set_weights  # noqa: E402
 from data.dataset import LabeledData  # noqa: E402
 from data.federation import FederationSpec, build_federation, load_client_data  # noqa: E402
@@ -150,26 +150,8 @@ class DatasetSetup:
 
 # ------------------------------------------------------------------ models and clients
 def build_2nn(seed: int) -> Any:
-    """McMahan et al.'s 2NN (two 200-unit ReLU layers), SGD, sparse cross-entropy."""
-    import keras
-
-    init = keras.initializers.GlorotUniform
-    model = keras.Sequential(
-        [
-            keras.Input(shape=(28, 28, 1), name="image"),
-            keras.layers.Flatten(name="flatten"),
-            keras.layers.Dense(200, activation="relu", kernel_initializer=init(seed),
-                               name="dense-1"),
-            keras.layers.Dense(200, activation="relu", kernel_initializer=init(seed + 1),
-                               name="dense-2"),
-            keras.layers.Dense(10, activation="softmax", kernel_initializer=init(seed + 2),
-                               name="head"),
-        ],
-        name="2nn",
-    )
-    model.compile(optimizer=keras.optimizers.SGD(0.01), loss="sparse_categorical_crossentropy",
-                  metrics=["accuracy"])
-    return model
+    """McMahan et al.'s 2NN (``model='2nn'``), a new compiled instance: plain SGD, sparse CE."""
+    return build_compiled(ModelSpec("image", (28, 28, 1), 10, seed=seed, architecture="2nn"))
 
 
 class FaultyGrid:

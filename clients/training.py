@@ -46,21 +46,27 @@ def initial_weights(spec: ModelSpec) -> dict[str, np.ndarray]:
     return _INITIAL_WEIGHTS[spec]
 
 
+def build_compiled(spec: ModelSpec) -> keras.Model:
+    """A new model for ``spec``, compiled with plain SGD and sparse cross-entropy (not cached)."""
+    import keras
+
+    model = build_model(
+        spec.kind, spec.input_shape, spec.num_classes, seed=spec.seed,
+        architecture=spec.architecture,
+    )
+    model.compile(
+        optimizer=keras.optimizers.SGD(learning_rate=0.01),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+    return model
+
+
 def get_model(spec: ModelSpec) -> keras.Model:
     """Return this process's compiled model for ``spec``, building it once."""
     model = _MODELS.get(spec)
     if model is None:
-        import keras
-
-        model = build_model(
-            spec.kind, spec.input_shape, spec.num_classes, seed=spec.seed,
-            architecture=spec.architecture,
-        )
-        model.compile(
-            optimizer=keras.optimizers.SGD(learning_rate=0.01),
-            loss="sparse_categorical_crossentropy",
-            metrics=["accuracy"],
-        )
+        model = build_compiled(spec)
         _MODELS[spec] = model
         _INITIAL_WEIGHTS[spec] = get_weights(model)
     return model
