@@ -21,6 +21,7 @@ from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, Record
 from flwr.clientapp import ClientApp
 from flwr.common.logger import log
 
+from clients import secure_aggregation as secagg_client
 from clients.dp_sgd import dp_sgd_train
 from clients.private_layers import (
     PrivateWeightLeak,
@@ -250,7 +251,17 @@ def train_here(msg: Message, context: Context) -> Message:
     Refused with a ``NODE_PRIVACY_LIMIT`` error reply, before the model is
     touched, when the run config or the sent arrays would weaken the node's
     limits (:func:`privacy.node_limits.violations`).
+
+    Under secure aggregation (:mod:`clients.secure_aggregation`) the key
+    stages answer without training, and the collect stage trains as here but
+    replies with the masked vector only.
     """
+    try:
+        stage = secagg_client.is_secure_stage(msg)
+    except secagg_client.SecAggRefused as error:
+        return secagg_client.refusal(msg, str(error))
+    if stage is not None and stage != protocol.SECAGG_COLLECT:
+        return secagg_client.handle_key_stage(stage, msg, context)
     setup = local_setup(context)
     run_config = parse_run_config(context.run_config)
     found = violations(
@@ -258,6 +269,12 @@ def train_here(msg: Message, context: Context) -> Message:
     )
     if found:
         return refusal(msg, context, found)
+    masking = None
+    if stage == protocol.SECAGG_COLLECT:
+        try:
+            masking = secagg_client.receive_shares(msg, context)
+        except (secagg_client.SecAggRefused, KeyError, TypeError, ValueError) as error:
+            return secagg_client.refusal(msg, str(error))
     model = get_model(setup.spec)
     global_arrays = received_shared(msg, setup)
     set_weights(model, {**global_arrays, **private_part(context, setup)})
@@ -334,6 +351,16 @@ def train_here(msg: Message, context: Context) -> Message:
     except PrivateWeightLeak as leak:
         log(WARNING, "Node %d: %s", context.node_id, leak)
         return Message(Error(code=PRIVATE_WEIGHT_LEAK, reason=str(leak)), reply_to=msg)
+    if masking is not None:
+        # Only the masked vector leaves: no metrics, no example count (both
+        # are in the secure sum or not sent at all).
+        try:
+            return secagg_client.masked_reply(
+                msg, context, masking, arrays, global_arrays, len(setup.train)
+            )
+        except secagg_client.SecAggRefused as error:
+            log(WARNING, "Node %d: %s", context.node_id, error)
+            return secagg_client.refusal(msg, str(error))
     content = RecordDict(
         {
             "arrays": to_arrayrecord(arrays),

@@ -152,6 +152,26 @@ RULES: dict[str, Rule] = {
     ),
     "faulty-kind": _one_of(FAULT_KINDS),
     "tracking": _one_of(("none", "mlflow")),
+    "secure-aggregation": _BOOL,
+    "secagg-threshold": Rule(
+        float,
+        "a number in (0.5, 1] (the fraction of each client's key holders whose shares "
+        "rebuild its masks; fewer survivors void the round)",
+        lambda v: 0.5 < v <= 1,
+    ),
+    "secagg-neighbours": Rule(
+        int,
+        "0 (every pair of clients masks: SecAgg) or an even number >= 2 (SecAgg+: that "
+        "many neighbours on a random ring)",
+        lambda v: v == 0 or (v >= 2 and v % 2 == 0),
+    ),
+    "secagg-clipping-range": _POSITIVE_FLOAT,
+    "secagg-quantization-bits": Rule(int, "an integer in [2, 40]", lambda v: 2 <= v <= 40),
+    "secagg-modulus-bits": Rule(
+        int, "an integer in [4, 63], above secagg-quantization-bits + 1", lambda v: 4 <= v <= 63
+    ),
+    "secagg-max-weight": _POSITIVE_INT,
+    "dp-noise": _one_of(("central", "distributed")),
     "model": Rule(
         str,
         "one of " + ", ".join(repr(m) for m in MODELS)
@@ -221,6 +241,14 @@ class RunConfig:
     faulty_fraction: float
     faulty_kind: str
     tracking: str
+    secure_aggregation: bool
+    secagg_threshold: float
+    secagg_neighbours: int
+    secagg_clipping_range: float
+    secagg_quantization_bits: int
+    secagg_modulus_bits: int
+    secagg_max_weight: int
+    dp_noise: str
     model: str
 
     def as_dict(self) -> dict[str, Any]:
@@ -326,9 +354,51 @@ def parse_run_config(run_config: Mapping[str, Any]) -> RunConfig:
                 "run config 'noise-multiplier' = 'auto' cannot be combined with "
                 "'local-dp-epsilon' > 0 (local DP sets the noise itself); give a number"
             )
+    _check_secure_aggregation(config)
     if config.fraction_evaluate > 0 and config.min_evaluate_nodes < 1:
         raise ConfigError(
             f"run config 'min-evaluate-nodes' = {config.min_evaluate_nodes} must be "
             "at least 1 when 'fraction-evaluate' > 0"
         )
     return config
+
+
+def _check_secure_aggregation(config: RunConfig) -> None:
+    """Settings secure aggregation and distributed noise cannot be combined with."""
+    if config.secure_aggregation:
+        if config.secagg_modulus_bits <= config.secagg_quantization_bits + 1:
+            raise ConfigError(
+                f"run config 'secagg-modulus-bits' = {config.secagg_modulus_bits} must be above "
+                f"'secagg-quantization-bits' + 1 = {config.secagg_quantization_bits + 1}: the "
+                "sum of the clients' quantised values must fit in the modulus"
+            )
+        allowed = ("mean", "norm-bound") if config.strategy == "dp-fedavg" else ("mean",)
+        if config.aggregator not in allowed:
+            raise ConfigError(
+                f"run config 'aggregator' = {config.aggregator!r} cannot be combined with "
+                "'secure-aggregation' = true: it needs each client's update, and secure "
+                f"aggregation shows the server only their sum; use aggregator = 'mean'"
+            )
+        if config.local_dp_epsilon > 0:
+            raise ConfigError(
+                "run config 'local-dp-epsilon' > 0 cannot be combined with "
+                "'secure-aggregation' = true; for noise the server never sees removed, use "
+                "dp-noise = 'distributed'"
+            )
+    if config.dp_noise == "distributed":
+        if not (config.secure_aggregation and config.strategy == "dp-fedavg"):
+            raise ConfigError(
+                "run config 'dp-noise' = 'distributed' needs 'strategy' = 'dp-fedavg' and "
+                "'secure-aggregation' = true: each client adds its share of the noise "
+                "under the masks, so no party sees a noiseless sum"
+            )
+        if config.clipping != "fixed":
+            raise ConfigError(
+                "run config 'dp-noise' = 'distributed' needs 'clipping' = 'fixed' "
+                "(adaptive clipping's count query has no distributed noise here)"
+            )
+        if config.noise_multiplier == "auto":
+            raise ConfigError(
+                "run config 'noise-multiplier' = 'auto' cannot be combined with 'dp-noise' = "
+                "'distributed' (its accounting takes no sampling amplification); give a number"
+            )

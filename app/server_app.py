@@ -30,11 +30,13 @@ from privacy.accounting import calibrate_noise_multiplier
 from privacy.central import NOISE_TO_SIGNAL_WARNING, NOT_COVERED
 from privacy.randomness import NOT_PRIVATE
 from privacy.sample_accounting import affordable_rounds, sample_epsilon
+from secagg.parameters import SecAggError, SecAggParameters
 from strategies import protocol
 from strategies.dp_fedavg import DPFedAvg
 from strategies.fedavg import FedAvg, RoundReport, to_arrayrecord, to_numpy
 from strategies.sampling import NotEnoughNodes, wait_for_nodes
 from strategies.robust import CoordinateMedian, Krum, NormBound, TrimmedMean
+from strategies.secure_aggregation import SecAggPlus
 from strategies.stages import AggregationStage
 from strategies.server_optimizers import (
     DEFAULT_LEARNING_RATES,
@@ -117,6 +119,24 @@ def build_server_optimizer(config: RunConfig) -> ServerOptimizer | None:
         return None  # x + 1.0 * mean update is the mean itself: FedAvg
     hyper = {"momentum": config.server_momentum} if name == "momentum" else {}
     return make_server_optimizer(name, rate, **hyper)
+
+
+def build_secure_aggregation(config: RunConfig) -> SecAggPlus | None:
+    """SecAgg+ with the run config's parameters (``secure-aggregation``), else ``None``."""
+    if not config.secure_aggregation:
+        return None
+    try:
+        parameters = SecAggParameters(
+            threshold=config.secagg_threshold,
+            neighbours=config.secagg_neighbours,
+            clipping_range=config.secagg_clipping_range,
+            quantization_bits=config.secagg_quantization_bits,
+            modulus_bits=config.secagg_modulus_bits,
+            max_weight=config.secagg_max_weight,
+        )
+    except SecAggError as error:
+        raise ConfigError(f"invalid secure aggregation settings: {error}") from error
+    return SecAggPlus(parameters)
 
 
 def build_aggregator(config: RunConfig) -> AggregationStage | None:
@@ -219,11 +239,14 @@ def build_strategy(config: RunConfig) -> FedAvg:
         node_wait_timeout=config.node_wait_timeout,
         seed=config.seed,
     )
+    secure = build_secure_aggregation(config)
     if config.strategy == "fedavg":
         return FedAvg(
             server_optimizer=optimizer,
             aggregator=build_aggregator(config),
-            report_clients=config.client_report,
+            # Per-client figures need each update; secure aggregation hides them.
+            report_clients=config.client_report and secure is None,
+            secure_aggregation=secure,
             **common,
         )
     if config.aggregator == "norm-bound":
@@ -250,6 +273,7 @@ def build_strategy(config: RunConfig) -> FedAvg:
             clipping_learning_rate=config.clipping_learning_rate,
             local_dp_epsilon=config.local_dp_epsilon or None,
             insecure_dp_seed=None if config.insecure_dp_seed < 0 else config.insecure_dp_seed,
+            secure_aggregation=secure,
             **common,
         )
     except ValueError as error:
@@ -455,6 +479,23 @@ def check_dp_plan(strategy: FedAvg, num_nodes: int) -> None:
         ) from error
 
 
+def check_secure_plan(strategy: FedAvg, num_nodes: int) -> None:
+    """A ConfigError before round 1 if the secure sum of ``num_nodes`` clients could wrap."""
+    secure = strategy.secure_aggregation
+    if secure is None:
+        return
+    most = secure.parameters.max_clients()
+    if num_nodes > most:
+        raise ConfigError(
+            f"secure aggregation of up to {num_nodes} clients per round could wrap around the "
+            f"modulus: run config 'secagg-quantization-bits' = "
+            f"{secure.parameters.quantization_bits}, 'secagg-max-weight' = "
+            f"{secure.parameters.max_weight} and 'secagg-modulus-bits' = "
+            f"{secure.parameters.modulus_bits} allow at most {most}; lower the first two "
+            "or raise the modulus"
+        )
+
+
 def checked_server_data(config: RunConfig) -> LabeledData | None:
     """The server's public slice (``server-data``), or a ConfigError."""
     try:
@@ -498,6 +539,7 @@ def prepare_run(grid: Grid, context: Context) -> PreparedRun:
         resume = resume_checkpoint(output_dir, strategy, config) if config.resume else None
         federation = checked_federation(grid, config)
         check_dp_plan(strategy, len(federation.partitions))
+        check_secure_plan(strategy, len(federation.partitions))
         server_data = checked_server_data(config)
         if config.tracking == "mlflow":
             checked_tracking()

@@ -20,6 +20,9 @@ from privacy.accounting import delta_warning
 from privacy.central import CentralGaussian, RoundPlan
 from privacy.clipping import InvalidUpdate, check_update
 
+from secagg.parameters import SecAggParameters
+from secagg.vectors import CLIPPED, DecodedSum, VectorSpec, clip_margin, unflatten
+
 from .aggregation import scaled_update_sum, update_norms
 from .stages import Aggregate
 from .validation import TrainReply
@@ -198,6 +201,67 @@ class DPAggregation:
             key: np.asarray(ref, dtype=np.float64) + mean[key] for key, ref in reference.items()
         }
         return Aggregate(averaged, kept, rejected, dict(self.mechanism.last_round_privacy))
+
+    # ------------------------------------------------------- secure aggregation
+    def secure_vector_spec(
+        self, server_round: int, parameters: SecAggParameters, num_parameters: int,
+        num_clients: int,
+    ) -> VectorSpec:
+        """Clients clip to ``C`` (less the rounding margin) and send the clip bit into the sum.
+
+        The quantisation range is ``C`` itself: no coordinate of a clipped
+        update exceeds it, so nothing is clamped and the sensitivity stays ``C``.
+        """
+        plan = self._plan
+        if plan is None:
+            raise RuntimeError("secure_vector_spec needs a planned round (configure_train)")
+        spec = VectorSpec(
+            CLIPPED, plan.clipping_norm, parameters.quantization_bits, parameters.modulus_bits
+        )
+        if clip_margin(spec, num_parameters) > plan.clipping_norm / 2:
+            raise ValueError(
+                f"secagg-quantization-bits {parameters.quantization_bits} is too coarse for "
+                f"{num_parameters} parameters: stochastic rounding could add "
+                f"{clip_margin(spec, num_parameters):.3g} to a norm clipped to "
+                f"{plan.clipping_norm:.3g}"
+            )
+        return spec
+
+    def aggregate_secure(
+        self,
+        server_round: int,
+        decoded: DecodedSum,
+        spec: VectorSpec,
+        num_contributors: int,
+        reference: Mapping[str, np.ndarray],
+    ) -> Aggregate:
+        """Noise on the unmasked sum of clipped updates and charge the ledger, as without SecAgg.
+
+        The server never sees one update: it cannot reject any (clients
+        clipped their own); adaptive clipping gets the number of unclipped
+        updates from the secure sum, not who they were.
+        """
+        plan = self._plan
+        if plan is None:
+            raise RuntimeError("aggregate_secure needs a planned round (configure_train)")
+        unclipped_count = int(decoded.num_unclipped or 0)
+        if not 0 <= unclipped_count <= num_contributors:
+            # Only a client sending a clip "bit" other than 0/1 gets here.
+            log(WARNING, "Round %d: the secure sum holds %d unclipped bits for %d "
+                "contributors (a client sent a bad bit); clamped", server_round,
+                unclipped_count, num_contributors)
+            unclipped_count = min(max(unclipped_count, 0), num_contributors)
+        unclipped = [True] * unclipped_count + [False] * (num_contributors - unclipped_count)
+        clipped_sum = unflatten(decoded.update_sum, reference)
+        mean = self.mechanism.release(server_round, plan, clipped_sum, unclipped, 0)
+        averaged = {
+            key: np.asarray(ref, dtype=np.float64) + mean[key] for key, ref in reference.items()
+        }
+        return Aggregate(averaged, [], {}, dict(self.mechanism.last_round_privacy))
+
+    def void_secure(self, server_round: int) -> None:
+        """A voided secure round releases nothing, so nothing is charged."""
+        log(INFO, "Round %d: nothing released, no privacy spent", server_round)
 
     def account_released_rounds(self, rounds: int, journal: Sequence[Mapping[str, Any]]) -> None:
         """Charge released rounds the resumed state lacks (:meth:`PrivacyLedger.charge_released`)."""

@@ -56,6 +56,7 @@ from privacy.randomness import random_source
 from . import protocol
 from .dp_aggregation import DPAggregation
 from .fedavg import FedAvg, ServerUpdateFn
+from .secure_aggregation import SecAggPlus
 from .server_optimizers import ServerOptimizer, ServerSGD
 
 # Train-config keys sent to clients that must clip or noise their own update.
@@ -96,6 +97,9 @@ class DPFedAvg(FedAvg):
         with this value, so anyone knowing it replays the noise: the run is
         NOT PRIVATE and says so. ``None`` (always, in real runs): fresh OS
         entropy every round, never saved, never replayed.
+    secure_aggregation : SecAggPlus | None (default: None)
+        Train through SecAgg+: clients clip (``clipping_side`` is then
+        "client") and mask; the server adds the noise to the unmasked sum.
     fraction_train, fraction_evaluate, min_train_nodes, min_evaluate_nodes, node_wait_timeout, seed
         As in FedAvg. ``fraction_train`` is ``q``; ``seed`` seeds only what is
         not privacy-relevant (evaluation sampling).
@@ -128,6 +132,7 @@ class DPFedAvg(FedAvg):
         server_optimizer: ServerOptimizer | None = None,
         server_update_fn: ServerUpdateFn | None = None,
         insecure_dp_seed: int | None = None,
+        secure_aggregation: SecAggPlus | None = None,
     ) -> None:
         if not server_learning_rate > 0:
             raise ValueError(f"server-learning-rate must be positive, got {server_learning_rate}")
@@ -135,7 +140,8 @@ class DPFedAvg(FedAvg):
             noise_multiplier=noise_multiplier,
             clipping_norm=clipping_norm,
             clipping=clipping,
-            clipping_side=clipping_side,
+            # Under secure aggregation the server never holds an update to clip.
+            clipping_side="client" if secure_aggregation is not None else clipping_side,
             client_sampling=client_sampling,
             fraction_train=fraction_train,
             min_train_nodes=min_train_nodes,
@@ -161,6 +167,7 @@ class DPFedAvg(FedAvg):
             server_optimizer=server_optimizer,
             server_update_fn=server_update_fn,
             aggregator=DPAggregation(mechanism),
+            secure_aggregation=secure_aggregation,
         )
         self.mechanism = mechanism
         self.server_learning_rate = float(server_learning_rate)

@@ -24,6 +24,8 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
+from secagg.vectors import decode
+
 from . import protocol
 from .aggregation import weighted_metrics
 from .anomaly import ClientFigures, client_figures, summary_line
@@ -34,6 +36,7 @@ from .sampling import (
     sample_without_replacement,
     wait_for_nodes,
 )
+from .secure_aggregation import SecAggPlus, SecureSum, secure_round_metrics
 from .server_optimizers import ServerOptimizer
 from .stages import AggregationStage, WeightedMean
 from .validation import (
@@ -248,6 +251,13 @@ class FedAvg(Strategy):
         aggregate (:mod:`strategies.anomaly`; one more pass over the replies),
         into :attr:`last_client_figures` and the round report. Never done
         for a stage whose per-client figures must not be released (DP-FedAvg).
+    secure_aggregation : SecAggPlus | None (default: None)
+        Run each round's training through SecAgg+
+        (:mod:`strategies.secure_aggregation`): the server receives masked
+        vectors and learns only their sum, which the stage turns into the
+        averaged model (:meth:`WeightedMean.aggregate_secure`,
+        DP-FedAvg's noise on the sum). Needs a stage that works on a sum
+        (not the robust ones) and no per-client report.
     """
 
     # pylint: disable=too-many-arguments
@@ -264,8 +274,17 @@ class FedAvg(Strategy):
         server_update_fn: ServerUpdateFn | None = None,
         aggregator: AggregationStage | None = None,
         report_clients: bool = False,
+        secure_aggregation: SecAggPlus | None = None,
     ) -> None:
         self.aggregator: AggregationStage = WeightedMean() if aggregator is None else aggregator
+        if secure_aggregation is not None and not hasattr(self.aggregator, "aggregate_secure"):
+            raise ValueError(
+                f"{self.aggregator!r} needs each client's update; secure aggregation gives "
+                "the server only their sum"
+            )
+        self.secure_aggregation = secure_aggregation
+        #: The last secure round's outcome (secure aggregation only).
+        self.last_secure_round: SecureSum | None = None
         self.report_clients = report_clients and self.aggregator.per_client_report
         #: Every valid reply's norm and cosine to the aggregate, last round (report_clients).
         self.last_client_figures: list[ClientFigures] = []
@@ -311,6 +330,8 @@ class FedAvg(Strategy):
             self.node_wait_timeout,
         )
         self.aggregator.summary()
+        if self.secure_aggregation is not None:
+            self.secure_aggregation.summary()
         if self.server_optimizer is not None:
             log(INFO, "%s: server optimiser %r", self.__class__.__name__, self.server_optimizer)
         if self.server_update_fn is not None:
@@ -518,6 +539,59 @@ class FedAvg(Strategy):
         )
         return to_arrayrecord(arrays), MetricRecord(metrics)
 
+    def secure_train(
+        self,
+        server_round: int,
+        arrays: ArrayRecord,
+        config: ConfigRecord,
+        grid: Grid,
+        timeout: float,
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Train through SecAgg+: sample, run the protocol, let the stage turn the sum into a model.
+
+        A voided secure round (too few survivors) leaves the model unchanged
+        and releases nothing; its figures (``secagg-voided`` 1) still go to
+        :attr:`last_aggregation_metrics`.
+        """
+        assert self.secure_aggregation is not None
+        self.last_secure_round = None
+        self.last_client_figures = []
+        self.last_aggregation_metrics = {}
+        messages = list(self.configure_train(server_round, arrays, config, grid))
+        if self._round_skipped or not messages:
+            self.last_num_rejected = 0
+            self.last_failures = {}
+            return None, None
+        nodes = [message.metadata.dst_node_id for message in messages]
+        num_parameters = sum(int(value.size) for value in self._sent_arrays.values())
+        spec = self.aggregator.secure_vector_spec(  # type: ignore[attr-defined]
+            server_round, self.secure_aggregation.parameters, num_parameters, len(nodes)
+        )
+        result = self.secure_aggregation.run(
+            grid, server_round, messages[0].content, nodes, spec,
+            spec.length(num_parameters), timeout,
+        )
+        self.last_secure_round = result
+        self.last_failures = dict(result.failures)
+        self.last_num_rejected = sum(
+            1 for reason in result.failures.values() if "no reply" not in reason
+        )
+        log_failures(server_round, "secure-aggregation", self.last_failures,
+                     len(result.contributors), len(nodes))
+        if result.total is None:
+            self.last_aggregation_metrics = secure_round_metrics(result)
+            self.aggregator.void_secure(server_round)  # type: ignore[attr-defined]
+            return None, None
+        aggregate = self.aggregator.aggregate_secure(  # type: ignore[attr-defined]
+            server_round, decode(result.total, spec, num_parameters), spec,
+            len(result.contributors), self._sent_arrays,
+        )
+        self.last_aggregation_metrics = {**aggregate.metrics, **secure_round_metrics(result)}
+        if aggregate.arrays is None:
+            return None, None
+        new_arrays = self.server_step(server_round, aggregate.arrays)
+        return to_arrayrecord(new_arrays), MetricRecord(aggregate.train_metrics)
+
     # ---------------------------------------------------------------- evaluation
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -652,15 +726,22 @@ class FedAvg(Strategy):
                 break
             t_round = time.monotonic()
             report = RoundReport(server_round=server_round, num_rounds=num_rounds)
-            replies = grid.send_and_receive(
-                messages=self.configure_train(server_round, arrays, train_config, grid),
-                timeout=timeout,
-            )
-            replies = list(replies)
-            new_arrays, train_metrics = self.aggregate_train(server_round, replies)
+            if self.secure_aggregation is None:
+                replies = grid.send_and_receive(
+                    messages=self.configure_train(server_round, arrays, train_config, grid),
+                    timeout=timeout,
+                )
+                replies = list(replies)
+                new_arrays, train_metrics = self.aggregate_train(server_round, replies)
+                report.num_accepted = len(replies) - self.last_num_rejected
+            else:
+                new_arrays, train_metrics = self.secure_train(
+                    server_round, arrays, train_config, grid, timeout
+                )
+                secure = self.last_secure_round
+                report.num_accepted = 0 if secure is None else len(secure.contributors)
             report.num_sampled = self.last_num_sampled
             report.num_rejected = self.last_num_rejected
-            report.num_accepted = len(replies) - self.last_num_rejected
             report.aggregation_metrics = dict(self.last_aggregation_metrics)
             report.client_figures = [f.as_dict() for f in self.last_client_figures]
             if new_arrays is not None:

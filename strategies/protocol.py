@@ -53,3 +53,42 @@ ERROR_PRIVATE_WEIGHT_LEAK = 100
 ERROR_SAMPLE_BUDGET_EXHAUSTED = 101
 #: The train message asked for less privacy than the node's own limits allow.
 ERROR_NODE_PRIVACY_LIMIT = 102
+
+# ------------------------------------------------------ secure aggregation (SecAgg+)
+#: Every SecAgg+ message is a train message whose config names its stage.
+SECAGG_STAGE = "secagg-stage"
+SECAGG_SETUP = "setup"
+SECAGG_SHARE_KEYS = "share-keys"
+SECAGG_COLLECT = "collect-masked"
+SECAGG_UNMASK = "unmask"
+SECAGG_STAGES = (SECAGG_SETUP, SECAGG_SHARE_KEYS, SECAGG_COLLECT, SECAGG_UNMASK)
+#: The round's public SecAgg+ parameters and this node's neighbours.
+SECAGG_NEIGHBOURS = "secagg-neighbours"
+SECAGG_THRESHOLD = "secagg-threshold-count"
+SECAGG_MODULUS_BITS = "secagg-modulus-bits"
+SECAGG_QUANTIZATION_BITS = "secagg-quantization-bits"
+SECAGG_CLIPPING_RANGE = "secagg-clipping-range"
+SECAGG_MAX_WEIGHT = "secagg-max-weight"
+#: What the client puts in the secure sum: "weighted" (FedAvg), "clipped"
+#: (DP-FedAvg, server noise) or "distributed-noise" (DP-FedAvg, each client's
+#: share of the discrete Gaussian noise).
+SECAGG_VECTOR = "secagg-vector"
+#: Distributed noise: integer units per model unit, the rounded norm bound,
+#: each client's discrete Gaussian stddev (integer units).
+SECAGG_SCALE = "secagg-scale"
+SECAGG_NORM_BOUND = "secagg-norm-bound"
+SECAGG_LOCAL_NOISE_STDDEV = "secagg-local-noise-stddev"
+#: Reply and request records of the stages.
+SECAGG_RECORD = "secagg"
+SECAGG_PK_ENCRYPTION = "pk-encryption"
+SECAGG_PK_MASK = "pk-mask"
+SECAGG_NODES = "nodes"
+SECAGG_CIPHERTEXTS = "ciphertexts"
+SECAGG_SURVIVORS = "survivors"
+SECAGG_DROPPED = "dropped"
+SECAGG_SEED_SHARES = "seed-shares"
+SECAGG_KEY_SHARES = "key-shares"
+SECAGG_MASKED = "masked"
+#: A client that refuses a SecAgg+ request (a malformed or unsafe stage message,
+#: or an update it will not send: NaN/Inf).
+ERROR_SECAGG_REFUSED = 103

@@ -18,12 +18,15 @@ survives restarts through ``state_dict()`` / ``load_state_dict()``.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from logging import INFO
+from logging import INFO, WARNING
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 from flwr.common.logger import log
+
+from secagg.parameters import SecAggParameters
+from secagg.vectors import WEIGHTED, DecodedSum, VectorSpec, unflatten
 
 from .aggregation import finite_weighted_mean
 from .anomaly import ClientFigures
@@ -59,6 +62,8 @@ class Aggregate:
     metrics: dict[str, float] = field(default_factory=dict)
     down_weighted: dict[int, str] = field(default_factory=dict)
     client_figures: list[ClientFigures] | None = None
+    #: Secure aggregation: the round's train metrics, from the sum (no reply is seen).
+    train_metrics: dict[str, float] = field(default_factory=dict)
 
 
 @runtime_checkable
@@ -175,6 +180,53 @@ class WeightedMean(StageDefaults):
             [reply for index, reply in enumerate(replies) if index not in dropped],
             {replies[index].node_id: "arrays hold NaN or Inf" for index in rejected},
         )
+
+    # ------------------------------------------------------- secure aggregation
+    def secure_vector_spec(
+        self, server_round: int, parameters: SecAggParameters, num_parameters: int,
+        num_clients: int,
+    ) -> VectorSpec:
+        """Clients send ``(w / W) Delta`` and their capped weight ``w`` into the secure sum."""
+        return VectorSpec(
+            WEIGHTED,
+            parameters.clipping_range,
+            parameters.quantization_bits,
+            parameters.modulus_bits,
+            max_weight=parameters.max_weight,
+        )
+
+    def aggregate_secure(
+        self,
+        server_round: int,
+        decoded: DecodedSum,
+        spec: VectorSpec,
+        num_contributors: int,
+        reference: Mapping[str, np.ndarray],
+    ) -> Aggregate:
+        """``x_t + W sum_k (w_k / W) Delta_k / sum_k w_k``: FedAvg's mean from the secure sum."""
+        weight = decoded.weight_total or 0
+        metrics = {"secagg-clamped-coordinates": float(decoded.num_clamped or 0)}
+        if weight <= 0:
+            return Aggregate(None, [], metrics=metrics)
+        if decoded.num_clamped:
+            log(
+                WARNING,
+                "Round %d: %d update coordinates fell outside secagg-clipping-range %g and "
+                "were clamped; raise it if this persists",
+                server_round,
+                decoded.num_clamped,
+                spec.clipping_range,
+            )
+        mean_update = unflatten(decoded.update_sum * (spec.max_weight / weight), reference)
+        averaged = {
+            key: (np.asarray(ref, np.float64) + mean_update[key]).astype(np.asarray(ref).dtype)
+            for key, ref in reference.items()
+        }
+        return Aggregate(averaged, [], metrics=metrics,
+                         train_metrics={"num-examples": float(weight)})
+
+    def void_secure(self, server_round: int) -> None:
+        """Nothing to undo: the mean holds no state."""
 
     def __repr__(self) -> str:
         return "WeightedMean()"

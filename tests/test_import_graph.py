@@ -1,6 +1,6 @@
 """The floors of the house: which package may import which, and where DP code lives.
 
-bench > app > clients > strategies > privacy, data; nothing imports upward.
+bench > app > clients > strategies > secagg > privacy, data; nothing imports upward.
 ``privacy/`` is numpy and dp-accounting only: no TensorFlow, no Flower, no
 app or client code; ``strategies/`` holds no noise or accounting code of its own.
 """
@@ -24,6 +24,8 @@ FORBIDDEN = {
                    "tensorflow_privacy"},
     "data": {"app", "clients", "strategies", "bench", "privacy"},
     "clients": {"app", "bench"},
+    "secagg": {"app", "clients", "strategies", "data", "bench", "tensorflow", "keras",
+               "tf_keras", "tensorflow_privacy"},
 }
 
 

@@ -1,0 +1,502 @@
+"""SecAgg+ on Flower's Message API: the server learns the sum of the round's vectors, no single one.
+
+Implementation of the server side of Bonawitz et al. (2017), "Practical
+Secure Aggregation for Privacy-Preserving Machine Learning",
+https://eprint.iacr.org/2017/281, with the sparse neighbour graph of Bell et
+al. (2020), https://eprint.iacr.org/2020/704. One round is four message
+exchanges, all ``train`` messages whose config names the stage
+(:mod:`strategies.protocol`):
+
+1. ``setup``: each sampled client gets its neighbours and the threshold and
+   answers with two fresh public keys (encryption, mask agreement);
+2. ``share-keys``: each gets its neighbours' public keys and answers with
+   Shamir shares of its self-mask seed and mask private key, each share
+   encrypted for one neighbour;
+3. ``collect-masked``: each gets the global model, the train config and the
+   shares addressed to it, trains, and answers with its masked vector;
+4. ``unmask``: each survivor names, per neighbour, the self-mask share (that
+   neighbour survived) or the mask-key share (it dropped after step 2); never
+   both for one node.
+
+The server rebuilds every survivor's self mask and every dropped client's pair
+masks from at least ``t`` shares and decodes the sum. Too few survivors, or a
+secret with fewer than ``t`` shares back, voids the round: nothing is
+released and the model stays as it was. A malformed reply at any stage is
+rejected with its reason and its node counts as dropped.
+
+Who is protected against whom: each client's update against an
+honest-but-curious server and up to ``t - 1`` colluding clients. What the
+server cannot do any more: check a single update (NaN/Inf, norm); clients
+check and clip their own, and the quantisation range bounds every
+coordinate. An actively malicious client can still add any vector within
+that range (the sum is unauthenticated input), or make a round void by
+dropping out.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+
+from privacy.randomness import secure_generator
+from secagg import keys
+from secagg.masking import from_ring, mask_sign, prg_mask, reduce, ring_dtype
+from secagg.parameters import SecAggParameters, neighbour_graph
+from secagg.vectors import VectorSpec
+
+from . import protocol
+from .validation import InvalidReply, decode_array
+
+_MAX_SHARE_BYTES = 4096
+
+
+@dataclass
+class SecureSum:
+    """What a secure round gave the server.
+
+    Attributes
+    ----------
+    total : ndarray or None
+        The decoded int64 sum of the survivors' vectors; ``None`` when voided.
+    contributors : list of int
+        The nodes whose vectors are in the sum.
+    failures : dict of int to str
+        Node -> the stage at which it dropped or was rejected, and why.
+    voided : str or None
+        Why the round released nothing.
+    stage_counts : dict of str to int
+        Nodes left after each stage.
+    bytes_from_clients : dict of int to int
+        Bytes of every reply per node (content only).
+    bytes_to_clients : dict of int to int
+        Bytes of every message per node (content only).
+    """
+
+    total: np.ndarray | None
+    contributors: list[int]
+    failures: dict[int, str] = field(default_factory=dict)
+    voided: str | None = None
+    stage_counts: dict[str, int] = field(default_factory=dict)
+    bytes_from_clients: dict[int, int] = field(default_factory=dict)
+    bytes_to_clients: dict[int, int] = field(default_factory=dict)
+    threshold: int = 0
+
+
+def content_bytes(content: RecordDict) -> int:
+    """Payload bytes of a message's records (arrays' data, config bytes and values)."""
+    size = 0
+    for record in content.values():
+        if isinstance(record, ArrayRecord):
+            size += sum(len(array.data) for array in record.values())
+        else:
+            for value in record.values():
+                items = value if isinstance(value, list) else [value]
+                size += sum(len(v) if isinstance(v, (bytes, str)) else 8 for v in items)
+    return size
+
+
+def _record(message: Message) -> ConfigRecord:
+    if message.has_error():
+        raise InvalidReply(f"error reply: {message.error.reason}")
+    if not message.has_content() or protocol.SECAGG_RECORD not in message.content:
+        raise InvalidReply(f"reply has no '{protocol.SECAGG_RECORD}' record")
+    record = message.content[protocol.SECAGG_RECORD]
+    if not isinstance(record, ConfigRecord):
+        raise InvalidReply(f"'{protocol.SECAGG_RECORD}' is not a ConfigRecord")
+    return record
+
+
+def _bytes_list(record: ConfigRecord, key: str) -> list[bytes]:
+    value = record.get(key, None)
+    if not isinstance(value, list) or not all(isinstance(v, bytes) for v in value):
+        raise InvalidReply(f"'{key}' must be a list of bytes")
+    return value
+
+
+def _int_list(record: ConfigRecord, key: str) -> list[int]:
+    value = record.get(key, None)
+    if not isinstance(value, list) or not all(isinstance(v, int) for v in value):
+        raise InvalidReply(f"'{key}' must be a list of node ids")
+    return value
+
+
+class SecAggPlus:
+    """Runs the four SecAgg+ exchanges of a round and unmasks the sum.
+
+    Parameters
+    ----------
+    parameters : SecAggParameters
+        Threshold, neighbours, quantisation and modulus (:mod:`secagg.parameters`).
+    """
+
+    def __init__(self, parameters: SecAggParameters) -> None:
+        self.parameters = parameters
+        self.last: SecureSum | None = None
+
+    def summary(self) -> None:
+        """Log the protocol's settings."""
+        p = self.parameters
+        log(
+            INFO,
+            "Secure aggregation (SecAgg+): threshold %.2f of each neighbourhood, %s, "
+            "%d-bit quantisation in Z_2^%d",
+            p.threshold,
+            "every pair masks" if p.neighbours == 0 else f"{p.neighbours} neighbours",
+            p.quantization_bits,
+            p.modulus_bits,
+        )
+
+    # ------------------------------------------------------------------ exchange
+    def _exchange(
+        self,
+        grid: Grid,
+        contents: Mapping[int, RecordDict],
+        timeout: float,
+        result: SecureSum,
+        stage: str,
+    ) -> dict[int, Message]:
+        """Send one stage's messages; the replies by node (missing ones go to failures)."""
+        messages = {
+            node: Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node)
+            for node, content in contents.items()
+        }
+        for node, content in contents.items():
+            result.bytes_to_clients[node] = result.bytes_to_clients.get(node, 0) + content_bytes(
+                content
+            )
+        replies = grid.send_and_receive(list(messages.values()), timeout=timeout)
+        by_id = {m.metadata.message_id: node for node, m in messages.items() if m.metadata.message_id}
+        answered: dict[int, Message] = {}
+        for reply in replies:
+            node = by_id.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+            if node not in messages or node in answered:
+                continue
+            answered[node] = reply
+            if reply.has_content():
+                result.bytes_from_clients[node] = result.bytes_from_clients.get(
+                    node, 0
+                ) + content_bytes(reply.content)
+        for node in messages:
+            if node not in answered:
+                result.failures[node] = f"{stage}: no reply before the timeout"
+        return answered
+
+    @staticmethod
+    def _reject(result: SecureSum, node: int, stage: str, reason: Exception | str) -> None:
+        result.failures[node] = f"{stage}: {reason}"
+
+    # --------------------------------------------------------------------- round
+    # pylint: disable=too-many-locals,too-many-branches,too-many-statements
+    def run(
+        self,
+        grid: Grid,
+        server_round: int,
+        train_content: RecordDict,
+        nodes: Sequence[int],
+        spec: VectorSpec,
+        vector_length: int,
+        timeout: float,
+    ) -> SecureSum:
+        """One secure round over ``nodes``; the collect stage carries ``train_content``.
+
+        ``train_content`` is the round's train message content (global arrays
+        and train config); ``spec`` says how clients encode their vectors of
+        ``vector_length`` coordinates.
+        """
+        t_start = time.monotonic()
+        p = self.parameters
+        result = SecureSum(None, [])
+        graph = neighbour_graph(nodes, p.neighbours, secure_generator())
+        thresholds = {node: p.threshold_of(len(graph[node]) + 1) for node in nodes}
+        result.threshold = min(thresholds.values()) if thresholds else 0
+        base = {protocol.SERVER_ROUND: server_round}
+
+        # 1. setup: neighbours and threshold out, two public keys back.
+        contents = {
+            node: RecordDict(
+                {
+                    protocol.CONFIG: ConfigRecord(
+                        {
+                            **base,
+                            protocol.SECAGG_STAGE: protocol.SECAGG_SETUP,
+                            protocol.SECAGG_NEIGHBOURS: list(graph[node]),
+                            protocol.SECAGG_THRESHOLD: thresholds[node],
+                        }
+                    )
+                }
+            )
+            for node in nodes
+        }
+        public: dict[int, tuple[bytes, bytes]] = {}
+        seen_keys: set[bytes] = set()
+        for node, reply in self._exchange(grid, contents, timeout, result, "setup").items():
+            try:
+                record = _record(reply)
+                pk_enc, pk_mask = record.get(protocol.SECAGG_PK_ENCRYPTION), record.get(
+                    protocol.SECAGG_PK_MASK
+                )
+                if not isinstance(pk_enc, bytes) or not isinstance(pk_mask, bytes):
+                    raise InvalidReply("public keys must be bytes")
+                keys.load_public_key(pk_enc)
+                keys.load_public_key(pk_mask)
+                if pk_enc in seen_keys or pk_mask in seen_keys or pk_enc == pk_mask:
+                    raise InvalidReply("public key repeated")
+                seen_keys.update((pk_enc, pk_mask))
+            except (InvalidReply, ValueError) as error:
+                self._reject(result, node, "setup", error)
+                continue
+            public[node] = (pk_enc, pk_mask)
+        result.stage_counts["setup"] = len(public)
+
+        # 2. share-keys: neighbours' public keys out, encrypted shares back.
+        holders = {
+            node: sorted([v for v in graph[node] if v in public] + [node]) for node in public
+        }
+        contents = {}
+        for node in public:
+            if len(holders[node]) < thresholds[node]:
+                self._reject(result, node, "share-keys", "too few neighbours advertised keys")
+                continue
+            contents[node] = RecordDict(
+                {
+                    protocol.CONFIG: ConfigRecord(
+                        {**base, protocol.SECAGG_STAGE: protocol.SECAGG_SHARE_KEYS}
+                    ),
+                    protocol.SECAGG_RECORD: ConfigRecord(
+                        {
+                            protocol.SECAGG_NODES: holders[node],
+                            protocol.SECAGG_PK_ENCRYPTION: [public[v][0] for v in holders[node]],
+                            protocol.SECAGG_PK_MASK: [public[v][1] for v in holders[node]],
+                        }
+                    ),
+                }
+            )
+        # (src, dst) -> ciphertext
+        ciphertexts: dict[tuple[int, int], bytes] = {}
+        shared: set[int] = set()
+        for node, reply in self._exchange(grid, contents, timeout, result, "share-keys").items():
+            try:
+                record = _record(reply)
+                dsts = _int_list(record, protocol.SECAGG_NODES)
+                texts = _bytes_list(record, protocol.SECAGG_CIPHERTEXTS)
+                expected = [v for v in holders[node] if v != node]
+                if sorted(dsts) != expected or len(texts) != len(dsts):
+                    raise InvalidReply("shares must go to exactly the node's other key holders")
+                if any(len(text) > _MAX_SHARE_BYTES for text in texts):
+                    raise InvalidReply("share ciphertext too long")
+            except InvalidReply as error:
+                self._reject(result, node, "share-keys", error)
+                continue
+            shared.add(node)
+            for dst, text in zip(dsts, texts):
+                ciphertexts[(node, dst)] = text
+        result.stage_counts["share-keys"] = len(shared)
+
+        # 3. collect-masked: the model, the train config and the shares for each node.
+        # Each node masks with the neighbours whose shares it receives.
+        peers = {
+            node: [v for v in holders[node] if v != node and v in shared] for node in shared
+        }
+        config = ConfigRecord(dict(train_content[protocol.CONFIG]))
+        config.update(
+            {
+                **base,
+                protocol.SECAGG_STAGE: protocol.SECAGG_COLLECT,
+                **{f"secagg-vector-{k}": v for k, v in spec.as_dict().items()},
+            }
+        )
+        contents = {
+            node: RecordDict(
+                {
+                    protocol.ARRAYS: train_content[protocol.ARRAYS],
+                    protocol.CONFIG: config,
+                    protocol.SECAGG_RECORD: ConfigRecord(
+                        {
+                            protocol.SECAGG_NODES: peers[node],
+                            protocol.SECAGG_CIPHERTEXTS: [
+                                ciphertexts[(v, node)] for v in peers[node]
+                            ],
+                        }
+                    ),
+                }
+            )
+            for node in shared
+        }
+        masked: dict[int, np.ndarray] = {}
+        wire = np.dtype(ring_dtype(p.modulus_bits))
+        for node, reply in self._exchange(grid, contents, timeout, result, "collect").items():
+            try:
+                if reply.has_error():
+                    raise InvalidReply(f"error reply: {reply.error.reason}")
+                if not reply.has_content() or protocol.SECAGG_MASKED not in reply.content:
+                    raise InvalidReply(f"reply has no '{protocol.SECAGG_MASKED}' record")
+                record = reply.content[protocol.SECAGG_MASKED]
+                if not isinstance(record, ArrayRecord) or list(record.keys()) != [
+                    protocol.SECAGG_MASKED
+                ]:
+                    raise InvalidReply("masked vector must be one array named 'masked'")
+                try:
+                    vector = decode_array(record[protocol.SECAGG_MASKED])
+                except ValueError as error:
+                    raise InvalidReply(str(error)) from None
+                if vector.dtype != wire or vector.shape != (vector_length,):
+                    raise InvalidReply(
+                        f"masked vector is {vector.dtype}{list(vector.shape)}, expected "
+                        f"{wire}[{vector_length}]"
+                    )
+                if p.modulus_bits not in (32, 64) and int(vector.max(initial=0)) >= p.modulus:
+                    raise InvalidReply("masked vector holds values outside Z_M")
+            except InvalidReply as error:
+                self._reject(result, node, "collect", error)
+                continue
+            masked[node] = vector
+        result.stage_counts["collect"] = len(masked)
+        survivors = sorted(masked)
+        dropped = sorted(shared - set(masked))
+        if len(survivors) < result.threshold:
+            return self._void(
+                result, server_round, t_start,
+                f"{len(survivors)} masked inputs, fewer than the threshold {result.threshold}",
+            )
+
+        # 4. unmask: per neighbour, the self-mask share (survived) or the mask-key share (dropped).
+        contents = {
+            node: RecordDict(
+                {
+                    protocol.CONFIG: ConfigRecord(
+                        {**base, protocol.SECAGG_STAGE: protocol.SECAGG_UNMASK}
+                    ),
+                    protocol.SECAGG_RECORD: ConfigRecord(
+                        {
+                            protocol.SECAGG_SURVIVORS: [
+                                v for v in holders[node] if v in masked
+                            ],
+                            protocol.SECAGG_DROPPED: [v for v in peers[node] if v not in masked],
+                        }
+                    ),
+                }
+            )
+            for node in survivors
+        }
+        seed_shares: dict[int, list[bytes]] = {node: [] for node in survivors}
+        key_shares: dict[int, list[bytes]] = {node: [] for node in dropped}
+        for node, reply in self._exchange(grid, contents, timeout, result, "unmask").items():
+            asked = contents[node][protocol.SECAGG_RECORD]
+            try:
+                record = _record(reply)
+                seeds = _bytes_list(record, protocol.SECAGG_SEED_SHARES)
+                keys_ = _bytes_list(record, protocol.SECAGG_KEY_SHARES)
+                if len(seeds) != len(asked[protocol.SECAGG_SURVIVORS]) or len(keys_) != len(
+                    asked[protocol.SECAGG_DROPPED]
+                ):
+                    raise InvalidReply("one share per node asked for is required")
+                if any(len(s) > _MAX_SHARE_BYTES for s in seeds + keys_):
+                    raise InvalidReply("share too long")
+            except InvalidReply as error:
+                self._reject(result, node, "unmask", error)
+                continue
+            for v, share in zip(asked[protocol.SECAGG_SURVIVORS], seeds):
+                seed_shares[v].append(share)
+            for v, share in zip(asked[protocol.SECAGG_DROPPED], keys_):
+                key_shares[v].append(share)
+        result.stage_counts["unmask"] = len(survivors) - sum(
+            1 for v in survivors if result.failures.get(v, "").startswith("unmask")
+        )
+
+        # Rebuild the masks and take them off the sum.
+        total = np.zeros(vector_length, dtype=np.uint64)
+        for vector in masked.values():
+            total += vector.astype(np.uint64)
+        for node in survivors:
+            try:
+                seed = self._combine(seed_shares[node], thresholds[node])
+                if len(seed) != 32:
+                    raise ValueError("rebuilt seed has the wrong length")
+            except ValueError as error:
+                return self._void(
+                    result, server_round, t_start,
+                    f"self mask of node {node} cannot be rebuilt: {error}",
+                )
+            total -= prg_mask(seed, vector_length, p.modulus_bits)
+        for node in dropped:
+            try:
+                private = keys.private_key_from_bytes(
+                    self._combine(key_shares[node], thresholds[node])
+                )
+                if keys.public_key_to_bytes(private.public_key()) != public[node][1]:
+                    raise ValueError("rebuilt key does not match the advertised one")
+            except ValueError as error:
+                return self._void(
+                    result, server_round, t_start,
+                    f"pair masks of dropped node {node} cannot be rebuilt: {error}",
+                )
+            for survivor in survivors:
+                if node not in peers[survivor]:
+                    continue
+                seed = keys.mask_seed(private, keys.load_public_key(public[survivor][1]))
+                mask = prg_mask(seed, vector_length, p.modulus_bits)
+                # The survivor added sign(survivor, node) * PRG(s); take it off.
+                if mask_sign(survivor, node) > 0:
+                    total -= mask
+                else:
+                    total += mask
+        result.total = from_ring(reduce(total, p.modulus_bits), p.modulus_bits)
+        result.contributors = survivors
+        self.last = result
+        log(
+            INFO,
+            "Round %d secure aggregation: %d of %d sampled in the sum (%s), "
+            "%d dropped after sharing keys, %.2f s",
+            server_round,
+            len(survivors),
+            len(nodes),
+            ", ".join(f"{stage} {count}" for stage, count in result.stage_counts.items()),
+            len(dropped),
+            time.monotonic() - t_start,
+        )
+        return result
+
+    @staticmethod
+    def _combine(shares: list[bytes], threshold: int) -> bytes:
+        if len(shares) < threshold:
+            raise ValueError(f"{len(shares)} shares back, {threshold} needed")
+        if len({share[:4] for share in shares}) != len(shares):
+            raise ValueError("two shares carry the same index")
+        return keys.combine_shares(shares[:threshold])
+
+    def _void(self, result: SecureSum, server_round: int, t_start: float, reason: str) -> SecureSum:
+        result.voided = reason
+        result.total = None
+        self.last = result
+        log(
+            WARNING,
+            "Round %d voided by secure aggregation: %s; the model stays unchanged (%.2f s)",
+            server_round,
+            reason,
+            time.monotonic() - t_start,
+        )
+        return result
+
+
+def secure_round_metrics(result: SecureSum) -> dict[str, float]:
+    """The round's public secure-aggregation figures (``metrics.json``)."""
+    figures: dict[str, float] = {
+        "secagg-voided": float(result.voided is not None),
+        "secagg-threshold": float(result.threshold),
+        "secagg-contributors": float(len(result.contributors)),
+    }
+    for stage, count in result.stage_counts.items():
+        figures[f"secagg-{stage}"] = float(count)
+    if result.bytes_from_clients:
+        figures["secagg-bytes-per-client"] = float(
+            np.mean(list(result.bytes_from_clients.values()))
+        )
+    return figures
+
