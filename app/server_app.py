@@ -274,6 +274,7 @@ def build_strategy(config: RunConfig) -> FedAvg:
             local_dp_epsilon=config.local_dp_epsilon or None,
             insecure_dp_seed=None if config.insecure_dp_seed < 0 else config.insecure_dp_seed,
             secure_aggregation=secure,
+            noise_placement=config.dp_noise,  # type: ignore[arg-type]
             **common,
         )
     except ValueError as error:

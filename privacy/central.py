@@ -42,11 +42,15 @@ from .adaptive_clipping import (
     split_noise_multiplier,
 )
 from .clipping import NORM_TOLERANCE, InvalidUpdate, add_gaussian_noise, clip_factor
+from .distributed_noise import DdgRoundPlan, ddg_dp_event
 from .local_dp import local_dp_noise_stddev
 from .randomness import RandomSource, SecureRandom
 
 ClippingMode = Literal["fixed", "adaptive"]
 ClippingSide = Literal["server", "client"]
+#: Who adds the noise: the server to the sum ("central"), or each client its share
+#: of a distributed discrete Gaussian under secure aggregation ("distributed").
+NoisePlacement = Literal["central", "distributed"]
 
 #: A client-clipped update with norm at least ``C (1 - this)`` counts as clipped
 #: for adaptive clipping (float32 rounding of updates clipped to exactly ``C``).
@@ -207,6 +211,11 @@ class CentralGaussian:
     random : RandomSource | None (default: None)
         Where every draw comes from; ``None`` is fresh OS entropy per round
         (:class:`~privacy.randomness.SecureRandom`).
+    noise_placement : {"central", "distributed"} (default: "central")
+        "distributed" (secure aggregation only, fixed clipping): the clients
+        add the noise (:mod:`privacy.distributed_noise`), the server adds
+        none and charges each round's distributed discrete Gaussian with RDP
+        and no sampling amplification (:meth:`release_distributed`).
     """
 
     # pylint: disable=too-many-arguments,too-many-locals
@@ -229,6 +238,7 @@ class CentralGaussian:
         local_dp_delta: float | None = None,
         compute_pld: bool = True,
         random: RandomSource | None = None,
+        noise_placement: NoisePlacement = "central",
     ) -> None:
         if not math.isfinite(noise_multiplier) or noise_multiplier < 0:
             raise ValueError(f"noise-multiplier must be finite and >= 0, got {noise_multiplier}")
@@ -253,6 +263,14 @@ class CentralGaussian:
                 )
             if clipping != "fixed":
                 raise ValueError("local DP needs clipping = 'fixed'")
+        if noise_placement not in ("central", "distributed"):
+            raise ValueError(f"noise placement must be 'central' or 'distributed', got "
+                             f"{noise_placement!r}")
+        if noise_placement == "distributed" and (
+            clipping != "fixed" or local_dp_epsilon is not None
+        ):
+            raise ValueError("distributed noise needs clipping = 'fixed' and no local DP")
+        self.noise_placement: NoisePlacement = noise_placement
         self.noise_multiplier = float(noise_multiplier)
         self.clipping = clipping
         self.clipping_side: ClippingSide = "client" if local_dp_epsilon else clipping_side
@@ -269,8 +287,11 @@ class CentralGaussian:
             learning_rate=clipping_learning_rate if clipping == "adaptive" else 0.0,
             count_stddev=clipped_count_stddev,
         )
+        # PLD of a Gaussian is no bound for a distributed discrete Gaussian: RDP only.
         self.ledger = PrivacyLedger(
-            client_sampling, target_delta, compute_pld=compute_pld and local_dp_epsilon is None
+            client_sampling,
+            target_delta,
+            compute_pld=compute_pld and local_dp_epsilon is None and noise_placement == "central",
         )
         self.last_round_privacy: dict[str, float] = {}
         self.privacy_history: list[dict[str, float]] = []
@@ -313,6 +334,12 @@ class CentralGaussian:
             sigma = local_dp_noise_stddev(clip, self.local_dp_epsilon, self.local_dp_delta)
             event: dp_accounting.DpEvent = dp_accounting.GaussianDpEvent(sigma / (2.0 * clip))
             update_z, count_stddev = 0.0, 0.0
+        elif self.noise_placement == "distributed":
+            # Before the round: the continuous Gaussian's rho without amplification;
+            # release_distributed charges the round's exact (larger) rho.
+            update_z, count_stddev = self.noise_multiplier, 0.0
+            z = update_z / (2.0 if self.client_sampling == "fixed" else 1.0)
+            event = ddg_dp_event(math.inf if z == 0 else 1.0 / (2.0 * z * z))
         else:
             if self.clipping == "adaptive":
                 count_stddev = self.clip_estimator.count_stddev_for(
@@ -459,7 +486,53 @@ class CentralGaussian:
             privacy["next-clipping-norm"] = self.clipping_norm
             privacy["update-noise-multiplier"] = plan.update_noise_multiplier
             privacy["count-noise-stddev"] = plan.count_stddev
-        self.ledger.compose(plan.event)
+        self._charge(server_round, plan.event, privacy, len(unclipped), plan, stddev)
+        return mean
+
+    def release_distributed(
+        self,
+        server_round: int,
+        plan: RoundPlan,
+        noised_sum: Mapping[str, np.ndarray],
+        num_contributing: int,
+        ddg: DdgRoundPlan,
+    ) -> dict[str, np.ndarray]:
+        """The mean of a sum the clients already noised; charges the round's DDG event.
+
+        ``noised_sum`` is the unmasked sum of at least ``ddg.min_clients``
+        clients' clipped, rounded and noised vectors (in model units). Nothing
+        is added here: the guarantee rests on the survivors' noise.
+        """
+        mean = {key: np.asarray(value, np.float64) / plan.denominator
+                for key, value in noised_sum.items()}
+        stddev = noise_stddev(self.noise_multiplier, plan.clipping_norm, plan.denominator)
+        privacy: dict[str, float] = {
+            "clipping-norm": plan.clipping_norm,
+            "noise-multiplier": self.noise_multiplier,
+            "noise-stddev": stddev,
+            "sampling-rate": plan.sampling_rate,
+            "expected-clients": plan.denominator,
+            "num-contributing": float(num_contributing),
+            "num-dp-rejected": 0.0,
+            "distributed-noise": 1.0,
+            "local-noise-stddev": ddg.local_sigma / ddg.scale,
+            "noisy-clients-guaranteed": float(ddg.min_clients),
+            "rho": ddg.rho,
+        }
+        self._charge(server_round, ddg.dp_event(), privacy, num_contributing, plan, stddev)
+        return mean
+
+    def _charge(
+        self,
+        server_round: int,
+        event: dp_accounting.DpEvent,
+        privacy: dict[str, float],
+        num_contributing: int,
+        plan: RoundPlan,
+        stddev: float,
+    ) -> None:
+        """Compose the round's event, then the write-ahead hook, then the round's figures."""
+        self.ledger.compose(event)
         if self.on_privacy_spent is not None:
             self.on_privacy_spent(server_round, self.ledger)
         privacy["epsilon"] = self.ledger.epsilon
@@ -477,18 +550,18 @@ class CentralGaussian:
         self.last_round_privacy = privacy
         self.privacy_history.append(dict(privacy, round=float(server_round)))
         _LOGGER.info(
-            "Round %d DP: %d contributing of m=%.4g, clip %.4g, noise stddev %.4g, "
+            "Round %d DP: %d contributing of m=%.4g, clip %.4g, noise stddev %.4g%s, "
             "epsilon %.4g (delta %.3g)%s",
             server_round,
-            len(unclipped),
+            num_contributing,
             plan.denominator,
             plan.clipping_norm,
             stddev,
+            " (added by the clients)" if "distributed-noise" in privacy else "",
             privacy["epsilon"],
             privacy["delta"],
             "" if self.random.private else " [NOT PRIVATE: replayable insecure-dp-seed]",
         )
-        return mean
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:

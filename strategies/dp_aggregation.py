@@ -9,6 +9,7 @@ clipped sum. McMahan et al. (2018), https://arxiv.org/abs/1710.06963.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from logging import INFO, WARNING
 from typing import Any
@@ -21,7 +22,15 @@ from privacy.central import CentralGaussian, RoundPlan
 from privacy.clipping import InvalidUpdate, check_update
 
 from secagg.parameters import SecAggParameters
-from secagg.vectors import CLIPPED, DecodedSum, VectorSpec, clip_margin, unflatten
+from privacy.distributed_noise import DdgRoundPlan, ddg_round_plan
+from secagg.vectors import (
+    CLIPPED,
+    DISTRIBUTED,
+    DecodedSum,
+    VectorSpec,
+    clip_margin,
+    unflatten,
+)
 
 from .aggregation import scaled_update_sum, update_norms
 from .stages import Aggregate
@@ -47,9 +56,16 @@ class DPAggregation:
     #: that the guarantee does not cover: never released.
     per_client_report = False
 
+    #: Conditional randomised rounding's beta (Kairouz, Liu, Steinke 2021's default,
+    #: e^-1/2): it sets the rounded norm bound, hence the sensitivity; not a privacy knob.
+    DDG_BETA = math.exp(-0.5)
+    #: Standard deviations of summed noise kept clear of the modulus.
+    DDG_WRAP_SIGMAS = 12.0
+
     def __init__(self, mechanism: CentralGaussian) -> None:
         self.mechanism = mechanism
         self._plan: RoundPlan | None = None
+        self._ddg: DdgRoundPlan | None = None
 
     def summary(self) -> None:
         """Log the DP settings and what the guarantee covers."""
@@ -215,6 +231,8 @@ class DPAggregation:
         plan = self._plan
         if plan is None:
             raise RuntimeError("secure_vector_spec needs a planned round (configure_train)")
+        if self.mechanism.noise_placement == "distributed":
+            return self._distributed_spec(parameters, num_parameters, num_clients)
         spec = VectorSpec(
             CLIPPED, plan.clipping_norm, parameters.quantization_bits, parameters.modulus_bits
         )
@@ -226,6 +244,45 @@ class DPAggregation:
                 f"{plan.clipping_norm:.3g}"
             )
         return spec
+
+    def min_survivors(self, parameters: SecAggParameters, num_clients: int) -> int:
+        """Distributed noise: the survivors whose noise the accounting counts on (else 0)."""
+        if self.mechanism.noise_placement != "distributed":
+            return 0
+        return parameters.threshold_of(num_clients)
+
+    def _distributed_spec(
+        self, parameters: SecAggParameters, num_parameters: int, num_clients: int
+    ) -> VectorSpec:
+        """The DDG encoding: ``s = 2^(b-1) / C``; each client's share of ``z s C`` noise.
+
+        The noise is sized for the ``t`` survivors the round is guaranteed
+        (:meth:`min_survivors`); more survivors only add noise. Refused when
+        the sum of ``num_clients`` vectors could wrap around the modulus.
+        """
+        plan = self._plan
+        assert plan is not None
+        clip = plan.clipping_norm
+        scale = parameters.half_range / clip
+        ddg = ddg_round_plan(
+            clip, num_parameters, scale, self.DDG_BETA, self.mechanism.noise_multiplier,
+            self.min_survivors(parameters, num_clients),
+            replace_one=self.mechanism.client_sampling == "fixed",
+        )
+        reach = num_clients * ddg.rounding_bound + self.DDG_WRAP_SIGMAS * math.sqrt(
+            num_clients
+        ) * ddg.local_sigma
+        if reach >= parameters.modulus // 2:
+            raise ValueError(
+                f"the noised sum of {num_clients} clients could reach {reach:.3g}, beyond "
+                f"the modulus 2^{parameters.modulus_bits} / 2: lower secagg-quantization-bits "
+                "or raise secagg-modulus-bits"
+            )
+        self._ddg = ddg
+        return VectorSpec(
+            DISTRIBUTED, clip, parameters.quantization_bits, parameters.modulus_bits,
+            scale=scale, norm_bound=ddg.rounding_bound, local_noise_stddev=ddg.local_sigma,
+        )
 
     def aggregate_secure(
         self,
@@ -244,6 +301,19 @@ class DPAggregation:
         plan = self._plan
         if plan is None:
             raise RuntimeError("aggregate_secure needs a planned round (configure_train)")
+        if spec.kind == DISTRIBUTED:
+            assert self._ddg is not None
+            if num_contributors < self._ddg.min_clients:
+                raise RuntimeError("fewer survivors than the noise was sized for")
+            mean = self.mechanism.release_distributed(
+                server_round, plan, unflatten(decoded.update_sum, reference), num_contributors,
+                self._ddg,
+            )
+            averaged = {
+                key: np.asarray(ref, dtype=np.float64) + mean[key]
+                for key, ref in reference.items()
+            }
+            return Aggregate(averaged, [], {}, dict(self.mechanism.last_round_privacy))
         unclipped_count = int(decoded.num_unclipped or 0)
         if not 0 <= unclipped_count <= num_contributors:
             # Only a client sending a clip "bit" other than 0/1 gets here.

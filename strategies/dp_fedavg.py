@@ -50,7 +50,13 @@ from privacy.adaptive_clipping import (
     DEFAULT_TARGET_UNCLIPPED_QUANTILE,
     QuantileClipEstimator,
 )
-from privacy.central import ClippingMode, ClippingSide, CentralGaussian, RoundPlan
+from privacy.central import (
+    CentralGaussian,
+    ClippingMode,
+    ClippingSide,
+    NoisePlacement,
+    RoundPlan,
+)
 from privacy.randomness import random_source
 
 from . import protocol
@@ -100,6 +106,11 @@ class DPFedAvg(FedAvg):
     secure_aggregation : SecAggPlus | None (default: None)
         Train through SecAgg+: clients clip (``clipping_side`` is then
         "client") and mask; the server adds the noise to the unmasked sum.
+    noise_placement : {"central", "distributed"} (default: "central")
+        With secure aggregation, "distributed" has each client add its share
+        of a distributed discrete Gaussian before masking (Kairouz, Liu,
+        Steinke 2021, https://arxiv.org/abs/2102.06387): no party sees a
+        noiseless sum. Fixed clipping only.
     fraction_train, fraction_evaluate, min_train_nodes, min_evaluate_nodes, node_wait_timeout, seed
         As in FedAvg. ``fraction_train`` is ``q``; ``seed`` seeds only what is
         not privacy-relevant (evaluation sampling).
@@ -133,6 +144,7 @@ class DPFedAvg(FedAvg):
         server_update_fn: ServerUpdateFn | None = None,
         insecure_dp_seed: int | None = None,
         secure_aggregation: SecAggPlus | None = None,
+        noise_placement: NoisePlacement = "central",
     ) -> None:
         if not server_learning_rate > 0:
             raise ValueError(f"server-learning-rate must be positive, got {server_learning_rate}")
@@ -154,7 +166,10 @@ class DPFedAvg(FedAvg):
             local_dp_delta=local_dp_delta,
             compute_pld=compute_pld,
             random=random_source(insecure_dp_seed),
+            noise_placement=noise_placement,
         )
+        if noise_placement == "distributed" and secure_aggregation is None:
+            raise ValueError("distributed noise needs secure aggregation")
         if server_optimizer is None and server_learning_rate != 1.0:
             server_optimizer = ServerSGD(float(server_learning_rate))
         super().__init__(

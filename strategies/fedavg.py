@@ -570,6 +570,9 @@ class FedAvg(Strategy):
         result = self.secure_aggregation.run(
             grid, server_round, messages[0].content, nodes, spec,
             spec.length(num_parameters), timeout,
+            min_survivors=self.aggregator.min_survivors(  # type: ignore[attr-defined]
+                self.secure_aggregation.parameters, len(nodes)
+            ),
         )
         self.last_secure_round = result
         self.last_failures = dict(result.failures)

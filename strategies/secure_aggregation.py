@@ -203,19 +203,22 @@ class SecAggPlus:
         spec: VectorSpec,
         vector_length: int,
         timeout: float,
+        min_survivors: int = 0,
     ) -> SecureSum:
         """One secure round over ``nodes``; the collect stage carries ``train_content``.
 
         ``train_content`` is the round's train message content (global arrays
         and train config); ``spec`` says how clients encode their vectors of
-        ``vector_length`` coordinates.
+        ``vector_length`` coordinates. Fewer masked inputs than the threshold
+        or than ``min_survivors`` (distributed noise: the clients whose noise
+        the accounting counts on) void the round.
         """
         t_start = time.monotonic()
         p = self.parameters
         result = SecureSum(None, [])
         graph = neighbour_graph(nodes, p.neighbours, secure_generator())
         thresholds = {node: p.threshold_of(len(graph[node]) + 1) for node in nodes}
-        result.threshold = min(thresholds.values()) if thresholds else 0
+        result.threshold = max(min(thresholds.values()) if thresholds else 0, min_survivors)
         base = {protocol.SERVER_ROUND: server_round}
 
         # 1. setup: neighbours and threshold out, two public keys back.

@@ -195,6 +195,10 @@ class WeightedMean(StageDefaults):
             max_weight=parameters.max_weight,
         )
 
+    def min_survivors(self, parameters: SecAggParameters, num_clients: int) -> int:
+        """No floor beyond the protocol's own threshold."""
+        return 0
+
     def aggregate_secure(
         self,
         server_round: int,
