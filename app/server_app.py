@@ -352,12 +352,44 @@ def privacy_statement(config: RunConfig, strategy: FedAvg) -> dict[str, object]:
                 "not-covered": list(NOT_COVERED),
             }
         )
+    if strategy.secure_aggregation is not None:
+        statement["secure-aggregation"] = secure_aggregation_statement(config, strategy)
+        if isinstance(strategy, DPFedAvg) and config.dp_noise == "distributed":
+            statement["protects"] = (
+                "each client's whole contribution, against anyone who sees the released "
+                "models or these figures, and against the server: the clients add the noise "
+                "under the masks, so the server only ever unmasks a noised sum (assuming the "
+                "round's at least secagg-threshold survivors are honest)"
+            )
     if config.dp_sgd:
         statement["sample-level-dp"] = (
             "each training record of a client, against the server and anyone after it "
             "(DP-SGD on the client; randomness from the client's OS)"
         )
     return statement
+
+
+def secure_aggregation_statement(config: RunConfig, strategy: FedAvg) -> dict[str, object]:
+    """What secure aggregation protects and what the server still sees (``metrics.json``)."""
+    assert strategy.secure_aggregation is not None
+    if not isinstance(strategy, DPFedAvg):
+        sees = ("the sum of the round's weight-scaled updates and the sum of the (capped) "
+                "example counts, never one client's update or count")
+    elif config.dp_noise == "distributed":
+        sees = ("the sum of the round's clipped updates with the clients' distributed discrete "
+                "Gaussian noise already in it")
+    else:
+        sees = "the noiseless sum of the round's clipped updates (it adds the noise itself)"
+    return {
+        "protocol": "SecAgg+ (Bonawitz et al. 2017; Bell et al. 2020)",
+        "protects": "each client's update, against an honest-but-curious server and up to "
+        "threshold - 1 clients colluding with it",
+        "server-sees": sees,
+        "not-protected": "an actively malicious client can add any vector within the "
+        "quantisation range, or void rounds by dropping out; the server cannot check one "
+        "update (NaN/Inf, norm): clients check and clip their own",
+        "parameters": strategy.secure_aggregation.parameters.as_config(),
+    }
 
 
 def round_entry(report: RoundReport, strategy: FedAvg | None = None) -> dict[str, float | int]:
@@ -480,11 +512,22 @@ def check_dp_plan(strategy: FedAvg, num_nodes: int) -> None:
         ) from error
 
 
-def check_secure_plan(strategy: FedAvg, num_nodes: int) -> None:
-    """A ConfigError before round 1 if the secure sum of ``num_nodes`` clients could wrap."""
+def check_secure_plan(strategy: FedAvg, num_nodes: int, num_parameters: int) -> None:
+    """A ConfigError before round 1 if the secure sum of ``num_nodes`` clients could wrap.
+
+    Under DP the round's encoding is planned too (the rounding margin of the
+    clipped updates, the distributed noise's reach).
+    """
     secure = strategy.secure_aggregation
     if secure is None:
         return
+    if isinstance(strategy, DPFedAvg):
+        try:
+            strategy.stage.check_secure(secure.parameters, num_parameters, num_nodes)
+        except ValueError as error:
+            raise ConfigError(
+                f"secure aggregation with DP-FedAvg for {num_nodes} nodes: {error}"
+            ) from error
     most = secure.parameters.max_clients()
     if num_nodes > most:
         raise ConfigError(
@@ -540,7 +583,12 @@ def prepare_run(grid: Grid, context: Context) -> PreparedRun:
         resume = resume_checkpoint(output_dir, strategy, config) if config.resume else None
         federation = checked_federation(grid, config)
         check_dp_plan(strategy, len(federation.partitions))
-        check_secure_plan(strategy, len(federation.partitions))
+        check_secure_plan(
+            strategy,
+            len(federation.partitions),
+            sum(int(np.prod(v.shape)) for k, v in get_weights(evaluator.model).items()
+                if k not in private_paths),
+        )
         server_data = checked_server_data(config)
         if config.tracking == "mlflow":
             checked_tracking()

@@ -245,6 +245,17 @@ class DPAggregation:
             )
         return spec
 
+    def check_secure(
+        self, parameters: SecAggParameters, num_parameters: int, num_nodes: int
+    ) -> None:
+        """ValueError unless a secure round of all ``num_nodes`` can be encoded (before round 1)."""
+        saved = self._plan, self._ddg
+        try:
+            self._plan = self.mechanism.plan_round(1, list(range(num_nodes)))
+            self.secure_vector_spec(1, parameters, num_parameters, num_nodes)
+        finally:
+            self._plan, self._ddg = saved
+
     def min_survivors(self, parameters: SecAggParameters, num_clients: int) -> int:
         """Distributed noise: the survivors whose noise the accounting counts on (else 0)."""
         if self.mechanism.noise_placement != "distributed":
