@@ -89,6 +89,8 @@ def setup(msg: Message, context: Context) -> Message:
     size = len(neighbours) + 1
     if context.node_id in neighbours or len(set(neighbours)) != len(neighbours):
         raise SecAggRefused("neighbour list names this node or repeats a node")
+    if not neighbours:
+        raise SecAggRefused("no neighbours: a sum of this node alone would be its update")
     if not size / 2 < threshold <= size:
         raise SecAggRefused(
             f"threshold {threshold} of {size} key holders must be above half of them, "

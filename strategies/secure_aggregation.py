@@ -216,6 +216,10 @@ class SecAggPlus:
         t_start = time.monotonic()
         p = self.parameters
         result = SecureSum(None, [])
+        if len(nodes) < 2:
+            # The sum of one client's vector is that vector.
+            return self._void(result, server_round, t_start,
+                              f"{len(nodes)} client(s) sampled; a secure sum needs at least 2")
         graph = neighbour_graph(nodes, p.neighbours, secure_generator())
         thresholds = {node: p.threshold_of(len(graph[node]) + 1) for node in nodes}
         result.threshold = max(min(thresholds.values()) if thresholds else 0, min_survivors)

@@ -350,3 +350,13 @@ def test_clipped_vectors_keep_the_norm_within_c_after_rounding() -> None:
         vector = encode(update, 1, spec, rng)
         assert vector[-1] == 0  # clipped
         assert np.linalg.norm(vector[:-1] / 2**7) <= 1.0 + 1e-12
+
+
+def test_a_round_of_one_client_is_voided_and_a_client_refuses_to_be_summed_alone() -> None:
+    global_arrays, local, examples = federation(seed=10)
+    grid = SecureGrid(local, examples)
+    result, _ = secure_round(grid, global_arrays, nodes=[101])
+    assert result.total is None and "at least 2" in (result.voided or "")
+    assert grid.sent == []
+    reply = _setup(grid, 101, [], 1)
+    assert reply.has_error() and "alone" in reply.error.reason
