@@ -211,7 +211,10 @@ def outgoing_arrays(
 
 def server_request(msg: Message, setup: LocalSetup, run_config: RunConfig) -> ServerRequest:
     """What the server asks of this node: its run config's privacy and the arrays it sent."""
+    config = msg.content.get(protocol.CONFIG)
     return ServerRequest(
+        secure_aggregation=config is not None
+        and config.get(protocol.SECAGG_STAGE) == protocol.SECAGG_COLLECT,
         dp_sgd=run_config.dp_sgd,
         dp_sgd_noise_multiplier=run_config.dp_sgd_noise_multiplier,
         target_sample_epsilon=run_config.target_sample_epsilon,

@@ -28,12 +28,15 @@ MIN_DP_SGD_NOISE_MULTIPLIER = "min-dp-sgd-noise-multiplier"
 MAX_SAMPLE_EPSILON = "max-sample-epsilon"
 #: The largest sample-level delta the node accepts.
 MAX_SAMPLE_DELTA = "max-sample-delta"
+#: ``true``: the node's update leaves only masked, inside secure aggregation.
+REQUIRE_SECURE_AGGREGATION = "require-secure-aggregation"
 LIMIT_KEYS = (
     PRIVATE_LAYERS,
     REQUIRE_DP_SGD,
     MIN_DP_SGD_NOISE_MULTIPLIER,
     MAX_SAMPLE_EPSILON,
     MAX_SAMPLE_DELTA,
+    REQUIRE_SECURE_AGGREGATION,
 )
 
 # The run-config keys the server's side of each check comes from. Written out
@@ -43,6 +46,7 @@ RUN_DP_SGD_NOISE_MULTIPLIER = "dp-sgd-noise-multiplier"
 RUN_TARGET_SAMPLE_EPSILON = "target-sample-epsilon"
 RUN_TARGET_SAMPLE_DELTA = "target-sample-delta"
 RUN_PRIVATE_LAYERS = "private-layers"
+RUN_SECURE_AGGREGATION = "secure-aggregation"
 
 # A run-config key written into a node config is a likely mistake for the limit
 # beside it: the node would otherwise ignore it and train with no limit at all.
@@ -51,6 +55,7 @@ _RUN_KEY_HINTS = {
     RUN_DP_SGD_NOISE_MULTIPLIER: MIN_DP_SGD_NOISE_MULTIPLIER,
     RUN_TARGET_SAMPLE_EPSILON: MAX_SAMPLE_EPSILON,
     RUN_TARGET_SAMPLE_DELTA: MAX_SAMPLE_DELTA,
+    RUN_SECURE_AGGREGATION: REQUIRE_SECURE_AGGREGATION,
 }
 _PRIVATE_LAYERS_ALLOWED = "'none', 'head', 'batchnorm', or comma-separated layer-name patterns"
 
@@ -73,6 +78,8 @@ class NodeLimits:
         The numeric limits; None when not set. Any of them set implies that
         DP-SGD is required: without it there is no noise and no finite
         sample-level epsilon to bound.
+    require_secure_aggregation : bool
+        Whether the node sends its update only masked (SecAgg+), never in the clear.
     """
 
     private_layers: str = "none"
@@ -80,6 +87,7 @@ class NodeLimits:
     min_dp_sgd_noise_multiplier: float | None = None
     max_sample_epsilon: float | None = None
     max_sample_delta: float | None = None
+    require_secure_aggregation: bool = False
 
     @property
     def dp_sgd_required_by(self) -> tuple[str, ...]:
@@ -109,6 +117,8 @@ class ServerRequest:
         every other variable the server expects back.
     sent_paths : frozenset of str
         Variable paths of the global arrays the server actually sent.
+    secure_aggregation : bool
+        Whether the update is asked for masked (a SecAgg+ collect message).
     """
 
     dp_sgd: bool = False
@@ -118,6 +128,7 @@ class ServerRequest:
     private_layers: str = "none"
     private_paths: frozenset[str] = frozenset()
     sent_paths: frozenset[str] = frozenset()
+    secure_aggregation: bool = False
 
 
 @dataclass(frozen=True)
@@ -216,6 +227,10 @@ def parse_node_limits(node_config: Mapping[str, object]) -> NodeLimits:
         limits["private_layers"] = _private_layers(node_config[PRIVATE_LAYERS])
     if REQUIRE_DP_SGD in node_config:
         limits["require_dp_sgd"] = _boolean(REQUIRE_DP_SGD, node_config[REQUIRE_DP_SGD])
+    if REQUIRE_SECURE_AGGREGATION in node_config:
+        limits["require_secure_aggregation"] = _boolean(
+            REQUIRE_SECURE_AGGREGATION, node_config[REQUIRE_SECURE_AGGREGATION]
+        )
     if MIN_DP_SGD_NOISE_MULTIPLIER in node_config:
         limits["min_dp_sgd_noise_multiplier"] = _number(
             MIN_DP_SGD_NOISE_MULTIPLIER,
@@ -352,6 +367,15 @@ def violations(
     list of Violation
         Each names the node-config key, what the server asked and the node's limit.
     """
-    return private_layer_violations(limits, request, node_private_paths) + dp_sgd_violations(
+    found = private_layer_violations(limits, request, node_private_paths) + dp_sgd_violations(
         limits, request
     )
+    if limits.require_secure_aggregation and not request.secure_aggregation:
+        found.append(
+            Violation(
+                REQUIRE_SECURE_AGGREGATION,
+                "the update in the clear (a train message outside secure aggregation)",
+                "true: the update leaves only masked",
+            )
+        )
+    return found

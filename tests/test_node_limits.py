@@ -33,6 +33,7 @@ from privacy.node_limits import (
     MIN_DP_SGD_NOISE_MULTIPLIER,
     PRIVATE_LAYERS,
     REQUIRE_DP_SGD,
+    REQUIRE_SECURE_AGGREGATION,
     NodeLimits,
     NodeLimitsError,
     SampleBudget,
@@ -86,7 +87,7 @@ def test_cli_values_and_their_text_parse_alike() -> None:
     }
     expected = NodeLimits("head", True, 1.0, 3.0, 1e-6)
     assert parse_node_limits(typed) == expected == parse_node_limits(text)
-    assert expected.dp_sgd_required_by == LIMIT_KEYS[1:]
+    assert expected.dp_sgd_required_by == LIMIT_KEYS[1:5]
     assert parse_node_limits({REQUIRE_DP_SGD: "false"}).require_dp_sgd is False
     assert parse_node_limits({PRIVATE_LAYERS: "conv-2, */bias"}).private_layers == "conv-2, */bias"
 
@@ -164,7 +165,7 @@ def test_dp_sgd_off_breaks_require_and_every_numeric_limit() -> None:
         min_dp_sgd_noise_multiplier=1.5, max_sample_epsilon=3.0, max_sample_delta=1e-6
     )
     found = violations(numeric, _dp_request(dp_sgd=False))
-    assert [v.key for v in found] == list(LIMIT_KEYS[2:])
+    assert [v.key for v in found] == list(LIMIT_KEYS[2:5])
     for violation, limit in zip(found, ("=1.5", "=3", "=1e-06")):
         assert str(violation).startswith(f"{violation.key}: the server asks dp-sgd=false")
         assert f"{violation.key}{limit}, which needs DP-SGD" in str(violation)
@@ -421,3 +422,21 @@ def test_a_reply_not_shaped_as_the_server_sent_becomes_an_error(
     reply = client_app(_message(context, initial_weights(local_setup(context).spec)), context)
     assert reply.has_error() and reply.error.code == PRIVATE_WEIGHT_LEAK
     assert "cnn/conv-1/bias is float64" in reply.error.reason
+
+
+def test_a_node_requiring_secure_aggregation_refuses_to_send_its_update_in_the_clear(
+    tmp_path: Path, no_training: None
+) -> None:
+    assert parse_node_limits({REQUIRE_SECURE_AGGREGATION: "true"}).require_secure_aggregation
+    with pytest.raises(NodeLimitsError, match=REQUIRE_SECURE_AGGREGATION):
+        parse_node_limits({"secure-aggregation": True})  # the run-config key, misplaced
+    contexts = _nodes(tmp_path, {REQUIRE_SECURE_AGGREGATION: True})
+    context = next(iter(contexts.values()))
+    grid = InProcessGrid(client_app, contexts)
+    grid.send_and_receive([_message(context, initial_weights(local_setup(context).spec))])
+    (reply,) = grid.replies
+    assert reply.has_error() and reply.error.code == NODE_PRIVACY_LIMIT
+    assert "require-secure-aggregation" in reply.error.reason
+    assert not violations(
+        NodeLimits(require_secure_aggregation=True), ServerRequest(secure_aggregation=True)
+    )
