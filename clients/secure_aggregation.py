@@ -174,7 +174,11 @@ def share_keys(msg: Message, context: Context) -> Message:
         RecordDict(
             {
                 protocol.SECAGG_RECORD: ConfigRecord(
-                    {protocol.SECAGG_NODES: dsts, protocol.SECAGG_CIPHERTEXTS: texts}
+                    {
+                        protocol.SECAGG_NODES: dsts,
+                        protocol.SECAGG_CIPHERTEXTS: texts,
+                        protocol.SECAGG_SEED_COMMITMENT: keys.commitment(seed),
+                    }
                 )
             }
         ),

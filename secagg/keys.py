@@ -10,6 +10,7 @@ split with Flower's Shamir sharing (``flwr.common.secure_aggregation``).
 from __future__ import annotations
 
 import base64
+import hashlib
 import os
 
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -36,6 +37,7 @@ _SCALAR_BYTES = 48
 
 __all__ = [
     "combine_shares",
+    "commitment",
     "create_shares",
     "decrypt_share",
     "encrypt_share",
@@ -52,6 +54,11 @@ __all__ = [
 def new_self_seed() -> bytes:
     """A fresh self-mask seed ``b_u`` from the OS (never a user seed)."""
     return os.urandom(SEED_BYTES)
+
+
+def commitment(seed: bytes) -> bytes:
+    """SHA-256 of a self-mask seed: lets the server check a rebuilt seed (a bad share shows)."""
+    return hashlib.sha256(seed).digest()
 
 
 def private_key_to_bytes(key: ec.EllipticCurvePrivateKey) -> bytes:

@@ -87,6 +87,8 @@ SECAGG_CIPHERTEXTS = "ciphertexts"
 SECAGG_SURVIVORS = "survivors"
 SECAGG_DROPPED = "dropped"
 SECAGG_SEED_SHARES = "seed-shares"
+#: SHA-256 of the self-mask seed, sent with the shares: a rebuilt seed is checked against it.
+SECAGG_SEED_COMMITMENT = "seed-commitment"
 SECAGG_KEY_SHARES = "key-shares"
 SECAGG_MASKED = "masked"
 #: A client that refuses a SecAgg+ request (a malformed or unsafe stage message,

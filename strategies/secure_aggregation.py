@@ -287,6 +287,7 @@ class SecAggPlus:
             )
         # (src, dst) -> ciphertext
         ciphertexts: dict[tuple[int, int], bytes] = {}
+        commitments: dict[int, bytes] = {}
         shared: set[int] = set()
         for node, reply in self._exchange(grid, contents, timeout, result, "share-keys").items():
             try:
@@ -298,10 +299,14 @@ class SecAggPlus:
                     raise InvalidReply("shares must go to exactly the node's other key holders")
                 if any(len(text) > _MAX_SHARE_BYTES for text in texts):
                     raise InvalidReply("share ciphertext too long")
+                committed = record.get(protocol.SECAGG_SEED_COMMITMENT)
+                if not isinstance(committed, bytes) or len(committed) != 32:
+                    raise InvalidReply("a 32-byte seed commitment is required")
             except InvalidReply as error:
                 self._reject(result, node, "share-keys", error)
                 continue
             shared.add(node)
+            commitments[node] = committed
             for dst, text in zip(dsts, texts):
                 ciphertexts[(node, dst)] = text
         result.stage_counts["share-keys"] = len(shared)
@@ -424,8 +429,8 @@ class SecAggPlus:
         for node in survivors:
             try:
                 seed = self._combine(seed_shares[node], thresholds[node])
-                if len(seed) != 32:
-                    raise ValueError("rebuilt seed has the wrong length")
+                if keys.commitment(seed) != commitments[node]:
+                    raise ValueError("rebuilt seed does not match its commitment (a bad share)")
             except ValueError as error:
                 return self._void(
                     result, server_round, t_start,

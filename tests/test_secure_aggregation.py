@@ -360,3 +360,29 @@ def test_a_round_of_one_client_is_voided_and_a_client_refuses_to_be_summed_alone
     assert grid.sent == []
     reply = _setup(grid, 101, [], 1)
     assert reply.has_error() and "alone" in reply.error.reason
+
+
+def test_bad_shares_void_the_round_rather_than_corrupt_the_sum() -> None:
+    """Shares that rebuild another seed (consistent, well padded): only the commitment shows it."""
+    from secagg.keys import create_shares
+
+    global_arrays, local, examples = federation(seed=11)
+    other = create_shares(bytes(range(32)), 3, 5)  # another seed, shared the same way
+
+    def tamper(node: int, at: str, reply: Message) -> Message:
+        if at != protocol.SECAGG_UNMASK or reply.has_error():
+            return reply
+        record = reply.content[protocol.SECAGG_RECORD]
+        seeds = list(record[protocol.SECAGG_SEED_SHARES])
+        index = int.from_bytes(seeds[0][:4], "little")  # 101's share, held by this node
+        seeds[0] = other[index - 1]
+        return Message(RecordDict({protocol.SECAGG_RECORD: ConfigRecord({
+            protocol.SECAGG_SEED_SHARES: seeds,
+            protocol.SECAGG_KEY_SHARES: list(record[protocol.SECAGG_KEY_SHARES]),
+        })}), reply_to=grid.sent[-1])
+
+    grid = SecureGrid(local, examples, tamper=tamper)
+    result, _ = secure_round(grid, global_arrays)
+    assert result.total is None
+    assert "self mask of node 101" in (result.voided or "")
+    assert "does not match its commitment" in (result.voided or "")
