@@ -31,12 +31,14 @@ from flwr.supercore.primitives.asymmetric import (
 )
 
 from .masking import SEED_BYTES
+from .shamir import combine_shares_batch
 
 _CURVE = ec.SECP384R1()
 _SCALAR_BYTES = 48
 
 __all__ = [
     "combine_shares",
+    "combine_shares_batch",
     "commitment",
     "create_shares",
     "decrypt_share",

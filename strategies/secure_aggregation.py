@@ -426,22 +426,26 @@ class SecAggPlus:
         total = np.zeros(vector_length, dtype=np.uint64)
         for vector in masked.values():
             total += vector.astype(np.uint64)
+        secrets = self._rebuild(
+            {("seed", v): (seed_shares[v], thresholds[v]) for v in survivors}
+            | {("key", v): (key_shares[v], thresholds[v]) for v in dropped}
+        )
         for node in survivors:
-            try:
-                seed = self._combine(seed_shares[node], thresholds[node])
-                if keys.commitment(seed) != commitments[node]:
-                    raise ValueError("rebuilt seed does not match its commitment (a bad share)")
-            except ValueError as error:
+            seed = secrets[("seed", node)]
+            if isinstance(seed, bytes) and keys.commitment(seed) != commitments[node]:
+                seed = ValueError("rebuilt seed does not match its commitment (a bad share)")
+            if isinstance(seed, ValueError):
                 return self._void(
                     result, server_round, t_start,
-                    f"self mask of node {node} cannot be rebuilt: {error}",
+                    f"self mask of node {node} cannot be rebuilt: {seed}",
                 )
             total -= prg_mask(seed, vector_length, p.modulus_bits)
         for node in dropped:
             try:
-                private = keys.private_key_from_bytes(
-                    self._combine(key_shares[node], thresholds[node])
-                )
+                rebuilt = secrets[("key", node)]
+                if isinstance(rebuilt, ValueError):
+                    raise rebuilt
+                private = keys.private_key_from_bytes(rebuilt)
                 if keys.public_key_to_bytes(private.public_key()) != public[node][1]:
                     raise ValueError("rebuilt key does not match the advertised one")
             except ValueError as error:
@@ -476,12 +480,32 @@ class SecAggPlus:
         return result
 
     @staticmethod
-    def _combine(shares: list[bytes], threshold: int) -> bytes:
-        if len(shares) < threshold:
-            raise ValueError(f"{len(shares)} shares back, {threshold} needed")
-        if len({share[:4] for share in shares}) != len(shares):
-            raise ValueError("two shares carry the same index")
-        return keys.combine_shares(shares[:threshold])
+    def _rebuild(
+        wanted: Mapping[tuple[str, int], tuple[list[bytes], int]],
+    ) -> dict[tuple[str, int], bytes | ValueError]:
+        """Every secret from its first ``t`` shares by index (one batch), or why it cannot be.
+
+        Taking the lowest indices makes most secrets share one index set, whose
+        interpolation weights :func:`secagg.shamir.combine_shares_batch` computes once.
+        """
+        out: dict[tuple[str, int], bytes | ValueError] = {}
+        batch: dict[tuple[str, int], list[bytes]] = {}
+        for name, (shares, threshold) in wanted.items():
+            if len(shares) < threshold:
+                out[name] = ValueError(f"{len(shares)} shares back, {threshold} needed")
+            elif len({share[:4] for share in shares}) != len(shares):
+                out[name] = ValueError("two shares carry the same index")
+            else:
+                batch[name] = sorted(shares, key=lambda share: share[:4][::-1])[:threshold]
+        try:
+            out.update(zip(batch, keys.combine_shares_batch(list(batch.values()))))
+        except ValueError:  # find which: one at a time
+            for name, shares in batch.items():
+                try:
+                    out[name] = keys.combine_shares_batch([shares])[0]
+                except ValueError as error:
+                    out[name] = error
+        return out
 
     def _void(self, result: SecureSum, server_round: int, t_start: float, reason: str) -> SecureSum:
         result.voided = reason

@@ -386,3 +386,31 @@ def test_bad_shares_void_the_round_rather_than_corrupt_the_sum() -> None:
     assert result.total is None
     assert "self mask of node 101" in (result.voided or "")
     assert "does not match its commitment" in (result.voided or "")
+
+
+def test_batched_reconstruction_equals_flowers_combine_shares() -> None:
+    """secagg.shamir against Flower's combine_shares (pycryptodome), byte for byte."""
+    import random
+
+    from Crypto.Protocol.SecretSharing import _Element
+    from flwr.common.secure_aggregation.crypto.shamir import combine_shares
+
+    from secagg.keys import combine_shares_batch, create_shares
+    from secagg.shamir import gf_inverse, gf_multiply
+
+    rng = random.Random(0)
+    for _ in range(50):
+        a, b = rng.getrandbits(128), rng.getrandbits(128)
+        assert gf_multiply(a, b) == int(_Element(a) * _Element(b))
+        if a:
+            assert gf_multiply(a, gf_inverse(a)) == 1
+    secrets = [bytes(rng.getrandbits(8) for _ in range(n)) for n in [32] * 40 + [48, 17, 1]]
+    lists = []
+    for index, secret in enumerate(secrets):
+        shares = create_shares(secret, 7, 12)
+        if index % 3 == 0:
+            rng.shuffle(shares)  # other index sets for a third of them
+        lists.append(shares[:7])
+    assert combine_shares_batch(lists) == [combine_shares(s) for s in lists] == secrets
+    with pytest.raises(ValueError):
+        combine_shares_batch([lists[0][:6] + [lists[0][0]]])
