@@ -38,7 +38,7 @@ from .sampling import (
 )
 from .secure_aggregation import SecAggPlus, SecureSum, secure_round_metrics
 from .server_optimizers import ServerOptimizer
-from .stages import AggregationStage, WeightedMean
+from .stages import AggregationStage, SecureAggregationStage, WeightedMean
 from .validation import (
     ArraySpec,
     EvaluateReply,
@@ -277,7 +277,9 @@ class FedAvg(Strategy):
         secure_aggregation: SecAggPlus | None = None,
     ) -> None:
         self.aggregator: AggregationStage = WeightedMean() if aggregator is None else aggregator
-        if secure_aggregation is not None and not hasattr(self.aggregator, "aggregate_secure"):
+        if secure_aggregation is not None and not isinstance(
+            self.aggregator, SecureAggregationStage
+        ):
             raise ValueError(
                 f"{self.aggregator!r} needs each client's update; secure aggregation gives "
                 "the server only their sum"
@@ -554,6 +556,8 @@ class FedAvg(Strategy):
         :attr:`last_aggregation_metrics`.
         """
         assert self.secure_aggregation is not None
+        stage = self.aggregator
+        assert isinstance(stage, SecureAggregationStage)
         self.last_secure_round = None
         self.last_client_figures = []
         self.last_aggregation_metrics = {}
@@ -564,15 +568,13 @@ class FedAvg(Strategy):
             return None, None
         nodes = [message.metadata.dst_node_id for message in messages]
         num_parameters = sum(int(value.size) for value in self._sent_arrays.values())
-        spec = self.aggregator.secure_vector_spec(  # type: ignore[attr-defined]
+        spec = stage.secure_vector_spec(
             server_round, self.secure_aggregation.parameters, num_parameters, len(nodes)
         )
         result = self.secure_aggregation.run(
             grid, server_round, messages[0].content, nodes, spec,
             spec.length(num_parameters), timeout,
-            min_survivors=self.aggregator.min_survivors(  # type: ignore[attr-defined]
-                self.secure_aggregation.parameters, len(nodes)
-            ),
+            min_survivors=stage.min_survivors(self.secure_aggregation.parameters, len(nodes)),
         )
         self.last_secure_round = result
         self.last_failures = dict(result.failures)
@@ -583,9 +585,9 @@ class FedAvg(Strategy):
                      len(result.contributors), len(nodes))
         if result.total is None:
             self.last_aggregation_metrics = secure_round_metrics(result)
-            self.aggregator.void_secure(server_round)  # type: ignore[attr-defined]
+            stage.void_secure(server_round)
             return None, None
-        aggregate = self.aggregator.aggregate_secure(  # type: ignore[attr-defined]
+        aggregate = stage.aggregate_secure(
             server_round, decode(result.total, spec, num_parameters), spec,
             len(result.contributors), self._sent_arrays,
         )

@@ -109,6 +109,33 @@ class AggregationStage(Protocol):
         """Restore :meth:`state_dict` into a freshly built stage."""
 
 
+@runtime_checkable
+class SecureAggregationStage(AggregationStage, Protocol):
+    """A stage that can also aggregate from a secure sum (:mod:`strategies.secure_aggregation`)."""
+
+    def secure_vector_spec(
+        self, server_round: int, parameters: SecAggParameters, num_parameters: int,
+        num_clients: int,
+    ) -> VectorSpec:
+        """What each client puts into the round's secure sum."""
+
+    def min_survivors(self, parameters: SecAggParameters, num_clients: int) -> int:
+        """Survivors below which the round must be voided (beyond the protocol's threshold)."""
+
+    def aggregate_secure(
+        self,
+        server_round: int,
+        decoded: DecodedSum,
+        spec: VectorSpec,
+        num_contributors: int,
+        reference: Mapping[str, np.ndarray],
+    ) -> Aggregate:
+        """The averaged model from the decoded sum of ``num_contributors`` vectors."""
+
+    def void_secure(self, server_round: int) -> None:
+        """A secure round released nothing."""
+
+
 class StageDefaults:
     """The hooks of a stage that only aggregates: no stop, the loop's sampling, no state.
 

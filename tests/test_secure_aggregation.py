@@ -414,3 +414,36 @@ def test_batched_reconstruction_equals_flowers_combine_shares() -> None:
     assert combine_shares_batch(lists) == [combine_shares(s) for s in lists] == secrets
     with pytest.raises(ValueError):
         combine_shares_batch([lists[0][:6] + [lists[0][0]]])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"secure-aggregation": True, "aggregator": "median"}, "'aggregator' = 'median'"),
+        ({"secure-aggregation": True, "strategy": "dp-fedavg", "local-dp-epsilon": 1.0,
+          "noise-multiplier": 0.0}, "'local-dp-epsilon'"),
+        ({"dp-noise": "distributed", "strategy": "dp-fedavg"}, "'dp-noise' = 'distributed'"),
+        ({"dp-noise": "distributed", "secure-aggregation": True}, "'dp-noise' = 'distributed'"),
+        ({"dp-noise": "distributed", "secure-aggregation": True, "strategy": "dp-fedavg",
+          "clipping": "adaptive"}, "'clipping' = 'fixed'"),
+        ({"dp-noise": "distributed", "secure-aggregation": True, "strategy": "dp-fedavg",
+          "noise-multiplier": "auto", "target-epsilon": 3.0}, "'noise-multiplier' = 'auto'"),
+        ({"secure-aggregation": True, "secagg-quantization-bits": 31}, "'secagg-modulus-bits'"),
+        ({"secagg-neighbours": 3}, "'secagg-neighbours'"),
+        ({"secagg-threshold": 0.5}, "'secagg-threshold'"),
+    ],
+)
+def test_run_configs_secure_aggregation_cannot_serve_fail_naming_the_key(overrides, message):
+    from app.config import ConfigError, parse_run_config
+    from tests.test_config import defaults
+
+    with pytest.raises(ConfigError, match=message):
+        parse_run_config({**defaults(), **overrides})
+
+
+def test_a_stage_that_needs_each_update_cannot_take_a_secure_sum() -> None:
+    from strategies.fedavg import FedAvg
+    from strategies.robust import CoordinateMedian
+
+    with pytest.raises(ValueError, match="only their sum"):
+        FedAvg(aggregator=CoordinateMedian(), secure_aggregation=SecAggPlus(PARAMS))
