@@ -78,6 +78,10 @@ MODELS: dict[str, dict[str, tuple[int, ...]]] = {
               "cnn/head/kernel": (512, 10), "cnn/head/bias": (10,)},
 }
 PLAIN, SECURE, DROP = "plain", "secure", "secure, 2 drop"
+#: The secure round with Flower's combine_shares per secret (what SecAggPlus did before
+#: secagg/shamir.py): before/after of the reconstruction, side by side.
+FLOWER_SHAMIR = "secure, Flower's Shamir"
+ORDER_LETTER = {PLAIN: "p", SECURE: "s", FLOWER_SHAMIR: "f", DROP: "d"}
 #: Clients that drop after sharing keys in the DROP contender.
 NUM_DROPPED = 2
 
@@ -179,9 +183,9 @@ def instrument() -> None:
                                                  secure_aggregation.decode_array)
     secure_aggregation.content_bytes = CLOCK.part("byte counting",
                                                   secure_aggregation.content_bytes)
-    combine = secure_aggregation.SecAggPlus._combine  # pylint: disable=protected-access
-    secure_aggregation.SecAggPlus._combine = staticmethod(  # pylint: disable=protected-access
-        CLOCK.part("Shamir combine", combine))
+    rebuild = secure_aggregation.SecAggPlus._rebuild  # pylint: disable=protected-access
+    secure_aggregation.SecAggPlus._rebuild = staticmethod(  # pylint: disable=protected-access
+        CLOCK.part("Shamir combine", rebuild))
     prg = secure_aggregation.prg_mask
 
     def server_prg(seed: bytes, length: int, modulus_bits: int) -> np.ndarray:
@@ -308,6 +312,11 @@ def run_round(kind: str, model: str, fed: tuple, check: bool = False) -> dict[st
     gc.disable()
     CLOCK.reset()
     cpu, wall = time.process_time(), time.perf_counter()
+    from secagg import keys
+
+    ours = keys.combine_shares_batch
+    if kind == FLOWER_SHAMIR:
+        keys.combine_shares_batch = lambda lists: [keys.combine_shares(s) for s in lists]
     try:
         if kind == PLAIN:
             replies = grid.send_and_receive(strategy.configure_train(1, arrays, config, grid),
@@ -318,6 +327,7 @@ def run_round(kind: str, model: str, fed: tuple, check: bool = False) -> dict[st
     finally:
         cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
         gc.enable()
+        keys.combine_shares_batch = ours
     if new_arrays is None:
         raise RuntimeError(f"{kind} round released no model: {strategy.last_failures}")
     # Bytes per client: the train message(s) down, the reply(ies) up, content only.
@@ -414,7 +424,7 @@ def check_cell(model: str, fed: tuple, contenders: list[str]) -> dict[str, float
 # ------------------------------------------------------------------ cells
 def run_cell(model: str, num_clients: int, repeats: int, warmup: int, with_drop: bool
              ) -> dict[str, Any]:
-    contenders = [PLAIN, SECURE] + ([DROP] if with_drop else [])
+    contenders = [PLAIN, SECURE, FLOWER_SHAMIR] + ([DROP] if with_drop else [])
     fed = federation(model, num_clients)
     cell: dict[str, Any] = {"model": model, "params": num_params(model), "clients": num_clients,
                             "repeats": repeats, "warmup": warmup, "contenders": contenders,
@@ -495,7 +505,8 @@ def render(cells: list[dict[str, Any]], args: argparse.Namespace, started: float
                 stage_rows.append([label, kind, "-", "-", "-", "-", f"train {train} ms"])
         plain = runs[PLAIN]
         for kind in c["contenders"][1:]:
-            bases = [("plain", plain)] + ([("secure", runs[SECURE])] if kind == DROP else [])
+            bases = [("plain", plain)] + (
+                [("secure", runs[SECURE])] if kind in (DROP, FLOWER_SHAMIR) else [])
             for base_name, base in bases:
                 m = min(len(runs[kind]), len(base))
                 if m:
@@ -508,7 +519,7 @@ def render(cells: list[dict[str, Any]], args: argparse.Namespace, started: float
             label, c["repeats"], c["warmup"],
             "; ".join(f"{k}: {diffs[k]:.2g} (bound {diffs[k + ' bound']:.2g})"
                       for k in c["contenders"][1:] if k in diffs) or "-",
-            " / ".join("".join(k[0] if k != DROP else "d" for k in o) for o in c["orders"]),
+            " / ".join("".join(ORDER_LETTER[k] for k in o) for o in c["orders"]),
             f"{c['load_before']} -> {c.get('load_after', '(running)')}",
         ])
 
@@ -559,8 +570,10 @@ def render(cells: list[dict[str, Any]], args: argparse.Namespace, started: float
         "`keys.load_public_key` on the advertised keys, `masked-vector checks` = "
         "`decode_array` of every masked vector, `self-mask PRG` = the AES-256-CTR expansion "
         "of every survivor's rebuilt self-mask seed (`prg_mask`), `Shamir combine` = "
-        "`SecAggPlus._combine` (Flower's `combine_shares`: Lagrange interpolation in "
-        "GF(2^128), pure Python) for every survivor's seed and every dropped node's key, "
+        "`SecAggPlus._rebuild` for every survivor's seed and every dropped node's key "
+        "(`secagg.shamir.combine_shares_batch`: the Lagrange weights once per index set; in "
+        "the `secure, Flower's Shamir` contender, Flower's `combine_shares` per secret, "
+        "Lagrange interpolation in GF(2^128) with t inversions per 16-byte chunk), "
         "`dropped: key + ECDH` = rebuilding a dropped node's private key, checking it "
         "against its public key and agreeing its pair-mask seed with each survivor, "
         "`dropped: pair-mask PRG` = expanding those pair masks, `decode sum + mean` = "
@@ -586,13 +599,15 @@ def render(cells: list[dict[str, Any]], args: argparse.Namespace, started: float
         "TLS framing). The dropout contender drops 2 clients after they shared their keys "
         "(`drop_from=collect-masked`), the case that costs the server most: their pair "
         "masks with every survivor must be rebuilt (dropping before sharing keys costs "
-        "nothing extra). The server's Shamir reconstruction (one `combine_shares` per "
-        "survivor's self-mask seed, t of its shares, t = 0.6 n with every pair masking) is "
-        "Lagrange interpolation in GF(2^128) in pure Python (pycryptodome, 3 chunks of 16 "
-        "bytes per padded 32-byte seed, run in a thread pool under the GIL): about t^2 "
-        "field multiplications per chunk, so n t^2 per round, independent of the model "
-        "size; cProfile, which sees only the main thread, shows it as lock waits, which is "
-        "why the parts above are timed with the process CPU clock. Under load the wall "
+        "nothing extra). Flower's Shamir reconstruction (`secure, Flower's Shamir`: one "
+        "`combine_shares` per survivor's self-mask seed, t of its shares, t = 0.6 n with "
+        "every pair masking) is Lagrange interpolation in GF(2^128) in pure Python "
+        "(pycryptodome, 3 chunks of 16 bytes per padded 32-byte seed, run in a thread pool "
+        "under the GIL): about t^2 field multiplications and t inversions per chunk, so "
+        "n t^2 per round, independent of the model size; cProfile, which sees only the main "
+        "thread, shows it as lock waits, which is why the parts above are timed with the "
+        "process CPU clock. Ours (`secure`) computes the weights once per index set (one "
+        "batched inversion) and multiplies by each weight through byte tables. Under load the wall "
         "time of a 50-client secure round varies far more than its CPU time (the other "
         "jobs on the 2 cores take turns with this process and its pool threads); compare "
         "the CPU columns first. Both paths use the app's code as shipped; the server-side "
@@ -602,7 +617,7 @@ def render(cells: list[dict[str, Any]], args: argparse.Namespace, started: float
         "Each cell first runs every secure contender once and checks its new model against "
         "the plain mean of the same clients (the survivors for `2 drop`): the largest "
         "absolute difference must be within the quantisation bound (`rounding_bound`, "
-        "scaled by W / sum of weights). Order: p = plain, s = secure, d = secure, 2 drop. "
+        "scaled by W / sum of weights). Order: p = plain, s = secure, f = secure, Flower's Shamir, d = secure, 2 drop. "
         "That check (one untimed round of every contender, the plain one with all clients "
         "and with the survivors) is the cell's warm-up; `warm-up` counts further untimed "
         "rounds of each. Before the first cell one round of each contender runs at "
