@@ -197,8 +197,12 @@ class MaskingPlan:
 
 def vector_spec(config: Mapping[str, object]) -> VectorSpec:
     """The round's vector encoding from the collect message's config."""
-    prefix = "secagg-vector-"
-    values = {k[len(prefix):].replace("-", "_"): v for k, v in config.items() if k.startswith(prefix)}
+    prefix = protocol.SECAGG_VECTOR_PREFIX
+    values = {
+        key[len(prefix):].replace("-", "_"): value
+        for key, value in config.items()
+        if key.startswith(prefix)
+    }
     try:
         return VectorSpec(**values)  # type: ignore[arg-type]
     except (TypeError, ValueError) as error:

@@ -62,22 +62,14 @@ SECAGG_SHARE_KEYS = "share-keys"
 SECAGG_COLLECT = "collect-masked"
 SECAGG_UNMASK = "unmask"
 SECAGG_STAGES = (SECAGG_SETUP, SECAGG_SHARE_KEYS, SECAGG_COLLECT, SECAGG_UNMASK)
-#: The round's public SecAgg+ parameters and this node's neighbours.
+#: The setup message: this node's neighbours and how many shares rebuild its secrets.
 SECAGG_NEIGHBOURS = "secagg-neighbours"
 SECAGG_THRESHOLD = "secagg-threshold-count"
-SECAGG_MODULUS_BITS = "secagg-modulus-bits"
-SECAGG_QUANTIZATION_BITS = "secagg-quantization-bits"
-SECAGG_CLIPPING_RANGE = "secagg-clipping-range"
-SECAGG_MAX_WEIGHT = "secagg-max-weight"
-#: What the client puts in the secure sum: "weighted" (FedAvg), "clipped"
-#: (DP-FedAvg, server noise) or "distributed-noise" (DP-FedAvg, each client's
-#: share of the discrete Gaussian noise).
-SECAGG_VECTOR = "secagg-vector"
-#: Distributed noise: integer units per model unit, the rounded norm bound,
-#: each client's discrete Gaussian stddev (integer units).
-SECAGG_SCALE = "secagg-scale"
-SECAGG_NORM_BOUND = "secagg-norm-bound"
-SECAGG_LOCAL_NOISE_STDDEV = "secagg-local-noise-stddev"
+#: The collect message's config carries the round's vector encoding
+#: (:class:`secagg.vectors.VectorSpec`) as keys with this prefix: kind
+#: ("weighted", "clipped", "distributed-noise"), clipping-range,
+#: quantization-bits, modulus-bits, max-weight, scale, norm-bound, local-noise-stddev.
+SECAGG_VECTOR_PREFIX = "secagg-vector-"
 #: Reply and request records of the stages.
 SECAGG_RECORD = "secagg"
 SECAGG_PK_ENCRYPTION = "pk-encryption"

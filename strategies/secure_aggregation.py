@@ -321,7 +321,10 @@ class SecAggPlus:
             {
                 **base,
                 protocol.SECAGG_STAGE: protocol.SECAGG_COLLECT,
-                **{f"secagg-vector-{k}": v for k, v in spec.as_dict().items()},
+                **{
+                    protocol.SECAGG_VECTOR_PREFIX + key.replace("_", "-"): value
+                    for key, value in spec.as_dict().items()
+                },
             }
         )
         contents = {
