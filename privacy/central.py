@@ -466,15 +466,7 @@ class CentralGaussian:
         rng = self.random.generator()
         stddev = noise_stddev(plan.update_noise_multiplier, plan.clipping_norm, plan.denominator)
         mean = noised_mean_update(clipped_sum, plan.denominator, stddev, rng)
-        privacy: dict[str, float] = {
-            "clipping-norm": plan.clipping_norm,
-            "noise-multiplier": self.noise_multiplier,
-            "noise-stddev": stddev,
-            "sampling-rate": plan.sampling_rate,
-            "expected-clients": plan.denominator,
-            "num-contributing": float(len(unclipped)),
-            "num-dp-rejected": float(num_rejected),
-        }
+        privacy = self._round_figures(plan, stddev, len(unclipped), num_rejected)
         if unclipped and self.local_dp_epsilon is None:
             # Diagnostic for the (trusted) server, not covered by the DP guarantee.
             privacy["clipped-fraction"] = 1.0 - float(np.mean(unclipped))
@@ -506,21 +498,29 @@ class CentralGaussian:
         mean = {key: np.asarray(value, np.float64) / plan.denominator
                 for key, value in noised_sum.items()}
         stddev = noise_stddev(self.noise_multiplier, plan.clipping_norm, plan.denominator)
-        privacy: dict[str, float] = {
+        privacy = self._round_figures(plan, stddev, num_contributing, 0)
+        privacy.update({
+            "distributed-noise": 1.0,
+            "local-noise-stddev": ddg.local_sigma / ddg.scale,
+            "noisy-clients-guaranteed": float(ddg.min_clients),
+            "rho": ddg.rho,
+        })
+        self._charge(server_round, ddg.dp_event(), privacy, num_contributing, plan, stddev)
+        return mean
+
+    def _round_figures(
+        self, plan: RoundPlan, stddev: float, num_contributing: int, num_rejected: int
+    ) -> dict[str, float]:
+        """The figures every released round reports (``metrics.json``)."""
+        return {
             "clipping-norm": plan.clipping_norm,
             "noise-multiplier": self.noise_multiplier,
             "noise-stddev": stddev,
             "sampling-rate": plan.sampling_rate,
             "expected-clients": plan.denominator,
             "num-contributing": float(num_contributing),
-            "num-dp-rejected": 0.0,
-            "distributed-noise": 1.0,
-            "local-noise-stddev": ddg.local_sigma / ddg.scale,
-            "noisy-clients-guaranteed": float(ddg.min_clients),
-            "rho": ddg.rho,
+            "num-dp-rejected": float(num_rejected),
         }
-        self._charge(server_round, ddg.dp_event(), privacy, num_contributing, plan, stddev)
-        return mean
 
     def _charge(
         self,
