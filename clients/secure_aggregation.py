@@ -1,4 +1,4 @@
-"""The client's side of SecAgg+: keys, shares and the masked vector, with every check a client owes itself.
+"""The client's side of SecAgg+: keys, shares, the masked vector, and the checks it owes itself.
 
 The server side and the protocol are described in
 :mod:`strategies.secure_aggregation`. The client keeps its round secrets
@@ -274,7 +274,9 @@ def masked_reply(
         for peer in plan.peers
     }
     bits = plan.spec.modulus_bits
-    masked = apply_masks(to_ring(vector, bits), bytes(state["seed"]), pair_seeds, context.node_id, bits)
+    masked = apply_masks(
+        to_ring(vector, bits), bytes(state["seed"]), pair_seeds, context.node_id, bits
+    )
     array = Array(masked.astype(ring_dtype(bits)))
     return Message(
         RecordDict({protocol.SECAGG_MASKED: ArrayRecord({protocol.SECAGG_MASKED: array})}),
@@ -284,7 +286,7 @@ def masked_reply(
 
 # ------------------------------------------------------------------ stage 4
 def unmask(msg: Message, context: Context) -> Message:
-    """Hand over the shares that remove the survivors' self masks and the dropped nodes' pair masks."""
+    """Hand over the shares removing the survivors' self masks and the dropped nodes' pair masks."""
     state = _state(context, _round(msg), protocol.SECAGG_UNMASK)
     _expect(state, protocol.SECAGG_COLLECT, protocol.SECAGG_UNMASK)
     record = _record(msg)

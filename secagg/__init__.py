@@ -1,1 +1,1 @@
-"""SecAgg+ building blocks shared by server and client: parameters, masks, keys (numpy and Flower's crypto)."""
+"""SecAgg+ building blocks both sides use: parameters, masks, vectors, keys, Shamir."""

@@ -36,7 +36,7 @@ dropping out.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 
@@ -127,6 +127,42 @@ def _int_list(record: ConfigRecord, key: str) -> list[int]:
     return value
 
 
+@dataclass
+class _RoundState:
+    """What the server keeps between one secure round's exchanges (never beyond the round)."""
+
+    server_round: int
+    #: node -> its neighbours; node -> shares needed to rebuild its secrets.
+    graph: dict[int, list[int]]
+    thresholds: dict[int, int]
+    result: SecureSum
+    #: ``exchange(contents, stage) -> replies by node`` (SecAggPlus._exchange on the grid).
+    exchange: Callable[[Mapping[int, RecordDict], str], dict[int, Message]]
+    #: node -> (encryption, mask) public keys, from setup.
+    public: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)
+    #: node -> its key holders (neighbours that advertised keys, and itself).
+    holders: dict[int, list[int]] = field(default_factory=dict)
+    #: node -> SHA-256 of its self-mask seed, for every node that shared its keys.
+    commitments: dict[int, bytes] = field(default_factory=dict)
+    #: (from, to) -> an encrypted share.
+    ciphertexts: dict[tuple[int, int], bytes] = field(default_factory=dict)
+    #: node -> the key holders it masks with (those that shared their keys).
+    peers: dict[int, list[int]] = field(default_factory=dict)
+    masked: dict[int, np.ndarray] = field(default_factory=dict)
+    seed_shares: dict[int, list[bytes]] = field(default_factory=dict)
+    key_shares: dict[int, list[bytes]] = field(default_factory=dict)
+
+    @property
+    def survivors(self) -> list[int]:
+        """Nodes whose masked vector arrived."""
+        return sorted(self.masked)
+
+    @property
+    def dropped(self) -> list[int]:
+        """Nodes that shared their keys but sent no (valid) masked vector."""
+        return sorted(set(self.commitments) - set(self.masked))
+
+
 class SecAggPlus:
     """Runs the four SecAgg+ exchanges of a round and unmasks the sum.
 
@@ -172,7 +208,9 @@ class SecAggPlus:
                 content
             )
         replies = grid.send_and_receive(list(messages.values()), timeout=timeout)
-        by_id = {m.metadata.message_id: node for node, m in messages.items() if m.metadata.message_id}
+        by_id = {
+            m.metadata.message_id: node for node, m in messages.items() if m.metadata.message_id
+        }
         answered: dict[int, Message] = {}
         for reply in replies:
             node = by_id.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
@@ -193,7 +231,6 @@ class SecAggPlus:
         result.failures[node] = f"{stage}: {reason}"
 
     # --------------------------------------------------------------------- round
-    # pylint: disable=too-many-locals,too-many-branches,too-many-statements
     def run(
         self,
         grid: Grid,
@@ -214,87 +251,102 @@ class SecAggPlus:
         the accounting counts on) void the round.
         """
         t_start = time.monotonic()
-        p = self.parameters
         result = SecureSum(None, [])
         if len(nodes) < 2:
             # The sum of one client's vector is that vector.
             return self._void(result, server_round, t_start,
                               f"{len(nodes)} client(s) sampled; a secure sum needs at least 2")
-        graph = neighbour_graph(nodes, p.neighbours, secure_generator())
-        thresholds = {node: p.threshold_of(len(graph[node]) + 1) for node in nodes}
-        result.threshold = max(min(thresholds.values()) if thresholds else 0, min_survivors)
-        base = {protocol.SERVER_ROUND: server_round}
-
-        # 1. setup: neighbours and threshold out, two public keys back.
-        contents = {
-            node: RecordDict(
-                {
-                    protocol.CONFIG: ConfigRecord(
-                        {
-                            **base,
-                            protocol.SECAGG_STAGE: protocol.SECAGG_SETUP,
-                            protocol.SECAGG_NEIGHBOURS: list(graph[node]),
-                            protocol.SECAGG_THRESHOLD: thresholds[node],
-                        }
-                    )
-                }
+        graph = neighbour_graph(nodes, self.parameters.neighbours, secure_generator())
+        state = _RoundState(
+            server_round=server_round,
+            graph=graph,
+            thresholds={n: self.parameters.threshold_of(len(graph[n]) + 1) for n in nodes},
+            result=result,
+            exchange=lambda contents, stage: self._exchange(grid, contents, timeout, result, stage),
+        )
+        result.threshold = max(min(state.thresholds.values()), min_survivors)
+        self._advertise_keys(state)
+        self._share_keys(state)
+        self._collect_masked(state, train_content, spec, vector_length)
+        if len(state.masked) < result.threshold:
+            return self._void(
+                result, server_round, t_start,
+                f"{len(state.masked)} masked inputs, fewer than the threshold {result.threshold}",
             )
-            for node in nodes
-        }
-        public: dict[int, tuple[bytes, bytes]] = {}
-        seen_keys: set[bytes] = set()
-        for node, reply in self._exchange(grid, contents, timeout, result, "setup").items():
+        self._unmask(state)
+        reason = self._unmasked_sum(state, vector_length)
+        if reason is not None:
+            return self._void(result, server_round, t_start, reason)
+        self.last = result
+        log(
+            INFO,
+            "Round %d secure aggregation: %d of %d sampled in the sum (%s), "
+            "%d dropped after sharing keys, %.2f s",
+            server_round,
+            len(result.contributors),
+            len(nodes),
+            ", ".join(f"{stage} {count}" for stage, count in result.stage_counts.items()),
+            len(state.dropped),
+            time.monotonic() - t_start,
+        )
+        return result
+
+    def _config(self, state: _RoundState, stage: str) -> ConfigRecord:
+        return ConfigRecord(
+            {protocol.SERVER_ROUND: state.server_round, protocol.SECAGG_STAGE: stage}
+        )
+
+    def _advertise_keys(self, state: _RoundState) -> None:
+        """Stage 1, setup: neighbours and threshold out, two fresh public keys back."""
+        contents = {}
+        for node, neighbours in state.graph.items():
+            config = self._config(state, protocol.SECAGG_SETUP)
+            config[protocol.SECAGG_NEIGHBOURS] = list(neighbours)
+            config[protocol.SECAGG_THRESHOLD] = state.thresholds[node]
+            contents[node] = RecordDict({protocol.CONFIG: config})
+        seen: set[bytes] = set()
+        for node, reply in state.exchange(contents, "setup").items():
             try:
                 record = _record(reply)
-                pk_enc, pk_mask = record.get(protocol.SECAGG_PK_ENCRYPTION), record.get(
-                    protocol.SECAGG_PK_MASK
-                )
+                pk_enc = record.get(protocol.SECAGG_PK_ENCRYPTION)
+                pk_mask = record.get(protocol.SECAGG_PK_MASK)
                 if not isinstance(pk_enc, bytes) or not isinstance(pk_mask, bytes):
                     raise InvalidReply("public keys must be bytes")
                 keys.load_public_key(pk_enc)
                 keys.load_public_key(pk_mask)
-                if pk_enc in seen_keys or pk_mask in seen_keys or pk_enc == pk_mask:
+                if pk_enc in seen or pk_mask in seen or pk_enc == pk_mask:
                     raise InvalidReply("public key repeated")
-                seen_keys.update((pk_enc, pk_mask))
+                seen.update((pk_enc, pk_mask))
             except (InvalidReply, ValueError) as error:
-                self._reject(result, node, "setup", error)
+                self._reject(state.result, node, "setup", error)
                 continue
-            public[node] = (pk_enc, pk_mask)
-        result.stage_counts["setup"] = len(public)
+            state.public[node] = (pk_enc, pk_mask)
+        state.result.stage_counts["setup"] = len(state.public)
 
-        # 2. share-keys: neighbours' public keys out, encrypted shares back.
-        holders = {
-            node: sorted([v for v in graph[node] if v in public] + [node]) for node in public
-        }
+    def _share_keys(self, state: _RoundState) -> None:
+        """Stage 2, share-keys: holders' public keys out; encrypted shares, a commitment back."""
+        public = state.public
         contents = {}
         for node in public:
-            if len(holders[node]) < thresholds[node]:
-                self._reject(result, node, "share-keys", "too few neighbours advertised keys")
+            holders = sorted([v for v in state.graph[node] if v in public] + [node])
+            state.holders[node] = holders
+            if len(holders) < state.thresholds[node]:
+                self._reject(state.result, node, "share-keys", "too few neighbours advertised keys")
                 continue
-            contents[node] = RecordDict(
-                {
-                    protocol.CONFIG: ConfigRecord(
-                        {**base, protocol.SECAGG_STAGE: protocol.SECAGG_SHARE_KEYS}
-                    ),
-                    protocol.SECAGG_RECORD: ConfigRecord(
-                        {
-                            protocol.SECAGG_NODES: holders[node],
-                            protocol.SECAGG_PK_ENCRYPTION: [public[v][0] for v in holders[node]],
-                            protocol.SECAGG_PK_MASK: [public[v][1] for v in holders[node]],
-                        }
-                    ),
-                }
-            )
-        # (src, dst) -> ciphertext
-        ciphertexts: dict[tuple[int, int], bytes] = {}
-        commitments: dict[int, bytes] = {}
-        shared: set[int] = set()
-        for node, reply in self._exchange(grid, contents, timeout, result, "share-keys").items():
+            contents[node] = RecordDict({
+                protocol.CONFIG: self._config(state, protocol.SECAGG_SHARE_KEYS),
+                protocol.SECAGG_RECORD: ConfigRecord({
+                    protocol.SECAGG_NODES: holders,
+                    protocol.SECAGG_PK_ENCRYPTION: [public[v][0] for v in holders],
+                    protocol.SECAGG_PK_MASK: [public[v][1] for v in holders],
+                }),
+            })
+        for node, reply in state.exchange(contents, "share-keys").items():
             try:
                 record = _record(reply)
                 dsts = _int_list(record, protocol.SECAGG_NODES)
                 texts = _bytes_list(record, protocol.SECAGG_CIPHERTEXTS)
-                expected = [v for v in holders[node] if v != node]
+                expected = [v for v in state.holders[node] if v != node]
                 if sorted(dsts) != expected or len(texts) != len(dsts):
                     raise InvalidReply("shares must go to exactly the node's other key holders")
                 if any(len(text) > _MAX_SHARE_BYTES for text in texts):
@@ -303,60 +355,50 @@ class SecAggPlus:
                 if not isinstance(committed, bytes) or len(committed) != 32:
                     raise InvalidReply("a 32-byte seed commitment is required")
             except InvalidReply as error:
-                self._reject(result, node, "share-keys", error)
+                self._reject(state.result, node, "share-keys", error)
                 continue
-            shared.add(node)
-            commitments[node] = committed
+            state.commitments[node] = committed
             for dst, text in zip(dsts, texts):
-                ciphertexts[(node, dst)] = text
-        result.stage_counts["share-keys"] = len(shared)
+                state.ciphertexts[(node, dst)] = text
+        state.result.stage_counts["share-keys"] = len(state.commitments)
 
-        # 3. collect-masked: the model, the train config and the shares for each node.
-        # Each node masks with the neighbours whose shares it receives.
-        peers = {
-            node: [v for v in holders[node] if v != node and v in shared] for node in shared
-        }
+    def _collect_masked(
+        self, state: _RoundState, train_content: RecordDict, spec: VectorSpec, vector_length: int
+    ) -> None:
+        """Stage 3, collect-masked: model, train config and shares out; masked vectors back.
+
+        Each node masks with the key holders whose shares it receives.
+        """
+        shared = state.commitments
         config = ConfigRecord(dict(train_content[protocol.CONFIG]))
-        config.update(
-            {
-                **base,
-                protocol.SECAGG_STAGE: protocol.SECAGG_COLLECT,
-                **{
-                    protocol.SECAGG_VECTOR_PREFIX + key.replace("_", "-"): value
-                    for key, value in spec.as_dict().items()
-                },
-            }
-        )
-        contents = {
-            node: RecordDict(
-                {
-                    protocol.ARRAYS: train_content[protocol.ARRAYS],
-                    protocol.CONFIG: config,
-                    protocol.SECAGG_RECORD: ConfigRecord(
-                        {
-                            protocol.SECAGG_NODES: peers[node],
-                            protocol.SECAGG_CIPHERTEXTS: [
-                                ciphertexts[(v, node)] for v in peers[node]
-                            ],
-                        }
-                    ),
-                }
-            )
-            for node in shared
-        }
-        masked: dict[int, np.ndarray] = {}
-        wire = np.dtype(ring_dtype(p.modulus_bits))
-        for node, reply in self._exchange(grid, contents, timeout, result, "collect").items():
+        config.update(self._config(state, protocol.SECAGG_COLLECT))
+        config.update({
+            protocol.SECAGG_VECTOR_PREFIX + key.replace("_", "-"): value
+            for key, value in spec.as_dict().items()
+        })
+        contents = {}
+        for node in shared:
+            peers = [v for v in state.holders[node] if v != node and v in shared]
+            state.peers[node] = peers
+            contents[node] = RecordDict({
+                protocol.ARRAYS: train_content[protocol.ARRAYS],
+                protocol.CONFIG: config,
+                protocol.SECAGG_RECORD: ConfigRecord({
+                    protocol.SECAGG_NODES: peers,
+                    protocol.SECAGG_CIPHERTEXTS: [state.ciphertexts[(v, node)] for v in peers],
+                }),
+            })
+        modulus_bits = self.parameters.modulus_bits
+        wire = np.dtype(ring_dtype(modulus_bits))
+        for node, reply in state.exchange(contents, "collect").items():
             try:
                 if reply.has_error():
                     raise InvalidReply(f"error reply: {reply.error.reason}")
-                if not reply.has_content() or protocol.SECAGG_MASKED not in reply.content:
-                    raise InvalidReply(f"reply has no '{protocol.SECAGG_MASKED}' record")
-                record = reply.content[protocol.SECAGG_MASKED]
+                record = reply.content.get(protocol.SECAGG_MASKED) if reply.has_content() else None
                 if not isinstance(record, ArrayRecord) or list(record.keys()) != [
                     protocol.SECAGG_MASKED
                 ]:
-                    raise InvalidReply("masked vector must be one array named 'masked'")
+                    raise InvalidReply("the reply must hold one array named 'masked'")
                 try:
                     vector = decode_array(record[protocol.SECAGG_MASKED])
                 except ValueError as error:
@@ -366,84 +408,72 @@ class SecAggPlus:
                         f"masked vector is {vector.dtype}{list(vector.shape)}, expected "
                         f"{wire}[{vector_length}]"
                     )
-                if p.modulus_bits not in (32, 64) and int(vector.max(initial=0)) >= p.modulus:
+                if modulus_bits not in (32, 64) and int(vector.max(initial=0)) >> modulus_bits:
                     raise InvalidReply("masked vector holds values outside Z_M")
             except InvalidReply as error:
-                self._reject(result, node, "collect", error)
+                self._reject(state.result, node, "collect", error)
                 continue
-            masked[node] = vector
-        result.stage_counts["collect"] = len(masked)
-        survivors = sorted(masked)
-        dropped = sorted(shared - set(masked))
-        if len(survivors) < result.threshold:
-            return self._void(
-                result, server_round, t_start,
-                f"{len(survivors)} masked inputs, fewer than the threshold {result.threshold}",
-            )
+            state.masked[node] = vector
+        state.result.stage_counts["collect"] = len(state.masked)
 
-        # 4. unmask: per neighbour, the self-mask share (survived) or the mask-key share (dropped).
-        contents = {
-            node: RecordDict(
-                {
-                    protocol.CONFIG: ConfigRecord(
-                        {**base, protocol.SECAGG_STAGE: protocol.SECAGG_UNMASK}
-                    ),
-                    protocol.SECAGG_RECORD: ConfigRecord(
-                        {
-                            protocol.SECAGG_SURVIVORS: [
-                                v for v in holders[node] if v in masked
-                            ],
-                            protocol.SECAGG_DROPPED: [v for v in peers[node] if v not in masked],
-                        }
-                    ),
-                }
-            )
-            for node in survivors
-        }
-        seed_shares: dict[int, list[bytes]] = {node: [] for node in survivors}
-        key_shares: dict[int, list[bytes]] = {node: [] for node in dropped}
-        for node, reply in self._exchange(grid, contents, timeout, result, "unmask").items():
+    def _unmask(self, state: _RoundState) -> None:
+        """Stage 4, unmask: per holder, the self-mask share (survived) or mask-key share (dropped)."""
+        contents = {}
+        for node in state.survivors:
+            contents[node] = RecordDict({
+                protocol.CONFIG: self._config(state, protocol.SECAGG_UNMASK),
+                protocol.SECAGG_RECORD: ConfigRecord({
+                    protocol.SECAGG_SURVIVORS: [
+                        v for v in state.holders[node] if v in state.masked
+                    ],
+                    protocol.SECAGG_DROPPED: [v for v in state.peers[node]
+                                              if v not in state.masked],
+                }),
+            })
+        state.seed_shares = {node: [] for node in state.survivors}
+        state.key_shares = {node: [] for node in state.dropped}
+        answered = 0
+        for node, reply in state.exchange(contents, "unmask").items():
             asked = contents[node][protocol.SECAGG_RECORD]
             try:
                 record = _record(reply)
                 seeds = _bytes_list(record, protocol.SECAGG_SEED_SHARES)
-                keys_ = _bytes_list(record, protocol.SECAGG_KEY_SHARES)
-                if len(seeds) != len(asked[protocol.SECAGG_SURVIVORS]) or len(keys_) != len(
+                key_shares = _bytes_list(record, protocol.SECAGG_KEY_SHARES)
+                if len(seeds) != len(asked[protocol.SECAGG_SURVIVORS]) or len(key_shares) != len(
                     asked[protocol.SECAGG_DROPPED]
                 ):
                     raise InvalidReply("one share per node asked for is required")
-                if any(len(s) > _MAX_SHARE_BYTES for s in seeds + keys_):
+                if any(len(share) > _MAX_SHARE_BYTES for share in seeds + key_shares):
                     raise InvalidReply("share too long")
             except InvalidReply as error:
-                self._reject(result, node, "unmask", error)
+                self._reject(state.result, node, "unmask", error)
                 continue
+            answered += 1
             for v, share in zip(asked[protocol.SECAGG_SURVIVORS], seeds):
-                seed_shares[v].append(share)
-            for v, share in zip(asked[protocol.SECAGG_DROPPED], keys_):
-                key_shares[v].append(share)
-        result.stage_counts["unmask"] = len(survivors) - sum(
-            1 for v in survivors if result.failures.get(v, "").startswith("unmask")
-        )
+                state.seed_shares[v].append(share)
+            for v, share in zip(asked[protocol.SECAGG_DROPPED], key_shares):
+                state.key_shares[v].append(share)
+        state.result.stage_counts["unmask"] = answered
 
-        # Rebuild the masks and take them off the sum.
+    def _unmasked_sum(self, state: _RoundState, vector_length: int) -> str | None:
+        """Rebuild the masks and take them off the sum (into ``state.result``); why not, or None."""
+        modulus_bits = self.parameters.modulus_bits
+        public, survivors = state.public, state.survivors
         total = np.zeros(vector_length, dtype=np.uint64)
-        for vector in masked.values():
+        for vector in state.masked.values():
             total += vector.astype(np.uint64)
         secrets = self._rebuild(
-            {("seed", v): (seed_shares[v], thresholds[v]) for v in survivors}
-            | {("key", v): (key_shares[v], thresholds[v]) for v in dropped}
+            {("seed", v): (state.seed_shares[v], state.thresholds[v]) for v in survivors}
+            | {("key", v): (state.key_shares[v], state.thresholds[v]) for v in state.dropped}
         )
         for node in survivors:
             seed = secrets[("seed", node)]
-            if isinstance(seed, bytes) and keys.commitment(seed) != commitments[node]:
+            if isinstance(seed, bytes) and keys.commitment(seed) != state.commitments[node]:
                 seed = ValueError("rebuilt seed does not match its commitment (a bad share)")
             if isinstance(seed, ValueError):
-                return self._void(
-                    result, server_round, t_start,
-                    f"self mask of node {node} cannot be rebuilt: {seed}",
-                )
-            total -= prg_mask(seed, vector_length, p.modulus_bits)
-        for node in dropped:
+                return f"self mask of node {node} cannot be rebuilt: {seed}"
+            total -= prg_mask(seed, vector_length, modulus_bits)
+        for node in state.dropped:
             try:
                 rebuilt = secrets[("key", node)]
                 if isinstance(rebuilt, ValueError):
@@ -452,35 +482,20 @@ class SecAggPlus:
                 if keys.public_key_to_bytes(private.public_key()) != public[node][1]:
                     raise ValueError("rebuilt key does not match the advertised one")
             except ValueError as error:
-                return self._void(
-                    result, server_round, t_start,
-                    f"pair masks of dropped node {node} cannot be rebuilt: {error}",
-                )
+                return f"pair masks of dropped node {node} cannot be rebuilt: {error}"
             for survivor in survivors:
-                if node not in peers[survivor]:
+                if node not in state.peers[survivor]:
                     continue
                 seed = keys.mask_seed(private, keys.load_public_key(public[survivor][1]))
-                mask = prg_mask(seed, vector_length, p.modulus_bits)
+                mask = prg_mask(seed, vector_length, modulus_bits)
                 # The survivor added sign(survivor, node) * PRG(s); take it off.
                 if mask_sign(survivor, node) > 0:
                     total -= mask
                 else:
                     total += mask
-        result.total = from_ring(reduce(total, p.modulus_bits), p.modulus_bits)
-        result.contributors = survivors
-        self.last = result
-        log(
-            INFO,
-            "Round %d secure aggregation: %d of %d sampled in the sum (%s), "
-            "%d dropped after sharing keys, %.2f s",
-            server_round,
-            len(survivors),
-            len(nodes),
-            ", ".join(f"{stage} {count}" for stage, count in result.stage_counts.items()),
-            len(dropped),
-            time.monotonic() - t_start,
-        )
-        return result
+        state.result.total = from_ring(reduce(total, modulus_bits), modulus_bits)
+        state.result.contributors = survivors
+        return None
 
     @staticmethod
     def _rebuild(
