@@ -299,6 +299,12 @@ def format_summary(metrics: Mapping[str, Any], run_dir: Path, total_s: float | N
     personalised = s["final-personalized-accuracy"]
     if personalised is not None and personalised != s["final-federated-accuracy"]:
         lines.append(f"  final personalised accuracy {personalised:.4f}")
+    voided = [int(e["round"]) for e in metrics.get("rounds", []) if number(e.get("secagg-voided"))]
+    if voided:
+        lines.append(
+            f"  {len(voided)} round(s) voided by secure aggregation (too few survivors; the "
+            f"model kept): {', '.join(map(str, voided))}"
+        )
     total = total_s if total_s is not None else s["total-s"]
     lines.append(f"  total time {format_duration(total)}")
     if s["epsilon"] is not None:

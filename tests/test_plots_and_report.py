@@ -100,6 +100,12 @@ def test_summary_names_best_and_final_accuracy_time_epsilon_and_files(tmp_path: 
     assert "final epsilon 6 (PLD 4.8) at delta 1e-05" in text
     assert "model.keras" in text and "metrics.json" not in text  # only files that exist
     assert "epsilon" not in format_summary(_metrics(2), tmp_path)
+    assert "voided" not in text
+    secure = _metrics(3)
+    secure["rounds"][2]["secagg-voided"] = 1.0
+    secure["rounds"][3]["secagg-voided"] = 0.0
+    assert "1 round(s) voided by secure aggregation (too few survivors; the model kept): 2" in (
+        format_summary(secure, tmp_path))
 
 
 # --------------------------------------------------------------------- plots
