@@ -433,6 +433,8 @@ class PreparedRun:
     resume: ResumePlan | None
     federation: Federation
     server_data: LabeledData | None
+    #: Values of the model's shared variables (what the clients send back).
+    num_shared_parameters: int
 
 
 def checked_output_dir(config: RunConfig) -> Path:
@@ -583,12 +585,12 @@ def prepare_run(grid: Grid, context: Context) -> PreparedRun:
         resume = resume_checkpoint(output_dir, strategy, config) if config.resume else None
         federation = checked_federation(grid, config)
         check_dp_plan(strategy, len(federation.partitions))
-        check_secure_plan(
-            strategy,
-            len(federation.partitions),
-            sum(int(np.prod(v.shape)) for k, v in get_weights(evaluator.model).items()
-                if k not in private_paths),
+        num_shared = sum(
+            int(np.prod(v.shape))
+            for k, v in get_weights(evaluator.model).items()
+            if k not in private_paths
         )
+        check_secure_plan(strategy, len(federation.partitions), num_shared)
         server_data = checked_server_data(config)
         if config.tracking == "mlflow":
             checked_tracking()
@@ -596,7 +598,8 @@ def prepare_run(grid: Grid, context: Context) -> PreparedRun:
         log(ERROR, "Run %s refused (nothing written): %s", context.run_id, error)
         raise
     return PreparedRun(
-        config, strategy, evaluator, private_paths, output_dir, resume, federation, server_data
+        config, strategy, evaluator, private_paths, output_dir, resume, federation, server_data,
+        num_shared,
     )
 
 
@@ -625,10 +628,7 @@ def main(grid: Grid, context: Context) -> None:
 
     report_federation(prepared.federation, config, run_dir)
     noise_ratio = warn_if_noise_swamps_updates(
-        strategy,
-        len(prepared.federation.partitions),
-        sum(int(np.prod(v.shape)) for k, v in get_weights(evaluator.model).items()
-            if k not in private_paths),
+        strategy, len(prepared.federation.partitions), prepared.num_shared_parameters
     )
     # The server holds, and sends, only the shared variables.
     # The seeded initial weights, not the cached model's current ones (a process
