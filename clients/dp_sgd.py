@@ -10,7 +10,7 @@ Privacy", Alg. 1) on a Poisson-sampled batch ``S``:
 
 where ``g_i`` is example ``i``'s gradient over *all* trainable variables.
 tensorflow-privacy's DP optimizers subclass Keras-2 optimizers and fail under
-Keras 3 (shared/design/STACK.md), so the step is implemented here on plain TF
+Keras 3 (tensorflow-privacy 0.9.0 with TF 2.21), so the step is implemented here on plain TF
 ops and updates the compiled model's own variables.
 
 Per-example gradient norms, two ways:

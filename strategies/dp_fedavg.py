@@ -27,7 +27,7 @@ Flower 1.42's DP wrappers differ on each of these points (example-weighted
 mean under ``z C / m`` noise, adaptive clipping driven by the clipped fraction
 and noised with the updated norm, ZeroDivisionError on a zero update, whole
 round skipped on one failed client, no sampling amplification in its
-accountant); see ``shared/design/STACK.md``.
+accountant).
 
 The server's arithmetic reads each reply twice, block by block in cache and
 with no per-client temporary: once for the update norms
